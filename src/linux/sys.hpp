@@ -1,0 +1,79 @@
+// The OS seam: every syscall whose failure modes matter goes through here, so EINTR is
+// retried in exactly one place and tests can inject EAGAIN, EMFILE or ETOOMANYREFS.
+#pragma once
+
+#include <sys/socket.h>
+#include <sys/types.h>
+
+#include <cerrno>
+#include <chrono>
+#include <optional>
+#include <string>
+
+#include "sockshare/error.hpp"
+#include "sockshare/fd.hpp"
+
+// Constants newer than Debian 12's kernel headers; the values are the kernel's ABI.
+#ifndef SO_PASSPIDFD
+#define SO_PASSPIDFD 76
+#endif
+#ifndef SO_PEERPIDFD
+#define SO_PEERPIDFD 77
+#endif
+#ifndef SCM_PIDFD
+#define SCM_PIDFD 0x04
+#endif
+#ifndef SO_PASSRIGHTS
+#define SO_PASSRIGHTS 83
+#endif
+#ifndef SO_COOKIE
+#define SO_COOKIE 57
+#endif
+
+namespace sockshare::sys {
+
+// Injectable entry points. Tests replace a member and restore it with SeamGuard.
+struct Seam {
+  ssize_t (*sendmsg)(int, const msghdr*, int) = ::sendmsg;
+  ssize_t (*recvmsg)(int, msghdr*, int) = ::recvmsg;
+  int (*accept4)(int, sockaddr*, socklen_t*, int) = ::accept4;
+};
+Seam& seam() noexcept;
+
+class SeamGuard {
+public:
+  SeamGuard() : saved_(seam()) {}
+  SeamGuard(const SeamGuard&) = delete;
+  SeamGuard& operator=(const SeamGuard&) = delete;
+  ~SeamGuard() { seam() = saved_; }
+
+private:
+  Seam saved_;
+};
+
+// Runs `call` until it does not fail with EINTR. The single retry loop of the library.
+template <class Call>
+auto retry_eintr(Call&& call) {
+  for (;;) {
+    auto result = call();
+    if (result >= 0 || errno != EINTR) return result;
+  }
+}
+
+// Outcome of a non-blocking call: a value, "would block", or an error (thrown).
+using Deadline = std::chrono::steady_clock::time_point;
+inline constexpr Deadline kNoDeadline = Deadline::max();
+Deadline deadline_after(std::chrono::milliseconds timeout);
+
+// Waits until `fd` is ready for `events` (POLLIN/POLLOUT) or the deadline passes.
+// Returns false on timeout. POLLHUP/POLLERR count as ready so the caller's next call
+// reports the real error.
+bool wait_ready(int fd, short events, Deadline deadline);
+
+[[noreturn]] void throw_errno(std::string operation);
+[[noreturn]] void throw_errno(std::string operation, int err);
+
+// getsockopt of an int-sized option; nullopt when the option is unsupported.
+std::optional<int> get_int_option(int fd, int level, int name);
+
+}  // namespace sockshare::sys
