@@ -68,6 +68,10 @@ DecodeResult decode_header(std::span<const std::byte> bytes, std::size_t message
     return fail("message of " + std::to_string(message_size) + " bytes is shorter than the " +
                 std::to_string(kHeaderSize) + "-byte header");
   }
+  if (message_size > kMaxMessage) {
+    return fail("message of " + std::to_string(message_size) + " bytes exceeds the " +
+                std::to_string(kMaxMessage) + "-byte limit");
+  }
   const std::byte* p = bytes.data();
   if (get<std::uint32_t>(p) != kMagic) return fail("bad magic");
   if (auto v = get<std::uint8_t>(p + 4); v != kVersion) {
@@ -87,8 +91,13 @@ DecodeResult decode_header(std::span<const std::byte> bytes, std::size_t message
     return fail("non-zero reserved field");
   }
   if (h.fd_count > kMaxFds) return fail("fd_count " + std::to_string(h.fd_count) + " > 253");
+  // Numbering starts at 1 so that 0 can mean "unknown" in errors and acknowledgements.
+  if (h.seq == 0) return fail("sequence number 0");
   const bool has_meta = (h.flags & kFlagFdMeta) != 0;
   if (!has_meta && h.meta_len != 0) return fail("metadata length without the metadata flag");
+  // A sender only sets the flag when it attaches descriptors; anything else is a broken or
+  // hostile encoder, and accepting it would give one message two encodings.
+  if (has_meta && h.fd_count == 0) return fail("metadata flag on a message without descriptors");
   if (has_meta && h.meta_len < 4u * h.fd_count) return fail("metadata section too short");
   const std::uint64_t expected =
       std::uint64_t{kHeaderSize} + h.meta_len + std::uint64_t{h.payload_len};

@@ -9,6 +9,7 @@
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
+#include <mutex>
 #include <optional>
 #include <span>
 #include <string>
@@ -76,7 +77,16 @@ struct PeerCredentials {
 };
 
 // Thread safety: sends may be issued from several threads at once (each message is one
-// atomic sendmsg); receives must come from one thread at a time.
+// atomic sendmsg, and sequence numbers go out in the order of the messages); receives must
+// come from one thread at a time.
+//
+// Descriptor sharing caveats a caller must know:
+// - A sent descriptor and the received one share one open file description (R14): file
+//   status flags such as O_NONBLOCK set by either side change both. Descriptor flags
+//   (FD_CLOEXEC) are per descriptor. Never rely on the other side's blocking mode.
+// - A successful send only means the kernel queued the message (R9, R12): the receiver may
+//   still lose the descriptors (RLIMIT_NOFILE, death). Keep your copy until the protocol
+//   on top acknowledges the message, then close it.
 class Channel {
 public:
   Channel() = default;
@@ -101,9 +111,11 @@ public:
   // Gives the socket back, e.g. to pass the channel itself to a child process.
   [[nodiscard]] Fd release() noexcept { return std::move(socket_); }
 
-  // Sends one message. Returns its sequence number, or nullopt if the socket buffer is full
-  // (nothing was sent). Throws invalid_input for more than 253 descriptors or an oversized
-  // message, overloaded for ETOOMANYREFS/ENOBUFS (R10), peer_gone when the peer closed.
+  // Sends one message. Returns its sequence number (1, 2, 3, ... with no gaps: a message
+  // that was not sent does not use one), or nullopt if the socket buffer is full (nothing
+  // was sent). Throws invalid_input for more than 253 descriptors or an oversized message
+  // (before any syscall), overloaded for ETOOMANYREFS/ENOBUFS (R10), peer_gone when the
+  // peer closed, refused when the peer refuses descriptors (R16). Never raises SIGPIPE.
   std::optional<std::uint64_t> try_send(const Outgoing& message);
   // Blocks until sent; throws timed_out when the timeout passes first.
   std::uint64_t send(const Outgoing& message, std::chrono::milliseconds timeout = kForever);
@@ -111,7 +123,8 @@ public:
   // Receives one message into `out`, reusing its storage. Returns false if none is waiting.
   // Throws peer_gone at end of stream; protocol for malformed, truncated or unexpected
   // messages (after closing every descriptor that came with them); overloaded when
-  // descriptors were lost because this process is at RLIMIT_NOFILE (R9).
+  // descriptors were lost because this process is at RLIMIT_NOFILE (R9). A failed receive
+  // consumes exactly one message and leaves the channel usable. Never peeks (R6).
   bool try_receive(Message& out, const ReceiveOptions& options = {});
   [[nodiscard]] std::optional<Message> try_receive(const ReceiveOptions& options = {});
   // Blocks until a message arrives; throws timed_out when the timeout passes first.
@@ -135,10 +148,11 @@ public:
   void shutdown_send();
 
 private:
-  std::uint64_t next_seq() noexcept { return seq_.fetch_add(1, std::memory_order_relaxed) + 1; }
-
   Fd socket_;
+  // Last sequence number sent. Written only under send_mutex_, which also spans the
+  // sendmsg, so numbers reach the wire in order and a refused send does not use one.
   std::atomic<std::uint64_t> seq_{0};
+  std::mutex send_mutex_;
   std::vector<std::byte> receive_buffer_;
 };
 

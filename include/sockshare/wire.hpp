@@ -21,6 +21,19 @@ inline constexpr std::size_t kMaxFds = 253;
 inline constexpr std::size_t kMaxMessage = 65536;
 inline constexpr std::size_t kMaxPayload = kMaxMessage - kHeaderSize;
 
+// Message types (Header::type). The upper half of the range belongs to sockshare's own
+// protocols so an application's types can never collide with them; the application owns
+// 0x0000-0x7FFF on its channels.
+inline constexpr std::uint16_t kTypeApplicationFirst = 0x0000;
+inline constexpr std::uint16_t kTypeApplicationLast = 0x7FFF;
+inline constexpr std::uint16_t kTypeReservedBase = 0x8000;  // 0x8000-0xFFFF: sockshare
+inline constexpr std::uint16_t kTypeGrantBase = 0x8100;     // 0x81xx: grants (redeem, answer)
+inline constexpr std::uint16_t kTypeDispatchBase = 0x8200;  // 0x82xx: dispatcher <-> worker
+inline constexpr std::uint16_t kTypeControlBase = 0x8300;   // 0x83xx: control / handoff
+[[nodiscard]] constexpr bool is_reserved_type(std::uint16_t type) noexcept {
+  return type >= kTypeReservedBase;
+}
+
 // Header flags. Bits not defined here must be zero; a receiver rejects them.
 inline constexpr std::uint8_t kFlagFdMeta = 0x01;  // a descriptor metadata section follows
 inline constexpr std::uint8_t kKnownFlags = kFlagFdMeta;
@@ -34,7 +47,7 @@ struct Header {
   std::uint8_t fd_count = 0;
   std::uint16_t type = 0;      // message type of the protocol layered on the channel
   std::uint32_t meta_len = 0;  // bytes of the metadata section (0 without kFlagFdMeta)
-  std::uint64_t seq = 0;       // sender's sequence number, starts at 1, +1 per message
+  std::uint64_t seq = 0;       // sender's sequence number: 1, 2, 3, ... per direction; 0 never
   std::uint32_t payload_len = 0;
 };
 
@@ -46,13 +59,15 @@ struct DecodeResult {
   std::string error;
 };
 
-// Validates magic, version, flags, reserved fields and lengths against `message_size`, the
-// total number of bytes received. Never reads past `bytes`.
+// Validates magic, version, flags, reserved fields, seq != 0 and lengths against
+// `message_size`, the total number of bytes received (at most kMaxMessage). Never reads
+// past the first kHeaderSize bytes of `bytes`.
 DecodeResult decode_header(std::span<const std::byte> bytes, std::size_t message_size,
                            Header& out);
 
-// Metadata section: fd_count little-endian u32 lengths, then the bytes of each in order.
-// Descriptor i's metadata may be empty.
+// Metadata section: fd_count little-endian u32 lengths, then the bytes of each in order,
+// nothing after. Descriptor i's metadata may be empty. decode_metadata rejects a section
+// whose table or entries overrun it and one with trailing bytes.
 [[nodiscard]] std::size_t metadata_size(std::span<const std::span<const std::byte>> items);
 void encode_metadata(std::span<const std::span<const std::byte>> items,
                      std::vector<std::byte>& out);

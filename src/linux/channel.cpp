@@ -1,5 +1,6 @@
 #include "sockshare/channel.hpp"
 
+#include <fcntl.h>
 #include <poll.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -40,6 +41,22 @@ sockaddr_un unix_address(const Endpoint& ep, socklen_t& length) {
   return sun;
 }
 
+// What a non-socket descriptor is, so a refusal names what actually arrived (R15).
+std::string file_kind(int fd) {
+  struct stat st {};
+  if (::fstat(fd, &st) != 0) return "unknown file";
+  switch (st.st_mode & S_IFMT) {
+    case S_IFIFO: return "pipe or FIFO";
+    case S_IFREG: return "regular file";
+    case S_IFDIR: return "directory";
+    case S_IFCHR: return "character device";
+    case S_IFBLK: return "block device";
+    case S_IFLNK: return "symbolic link";
+    case 0: return "anonymous inode (eventfd, epoll, timerfd, pidfd, ...)";
+    default: return "file of mode " + std::to_string(st.st_mode & S_IFMT);
+  }
+}
+
 // R11/R15: checks one received descriptor against what the receiver accepts. Cheap when
 // the receiver accepts anything but unix sockets: one getsockopt.
 std::optional<std::string> unacceptable(int fd, const ReceiveOptions& options) {
@@ -51,9 +68,28 @@ std::optional<std::string> unacceptable(int fd, const ReceiveOptions& options) {
   }
   SocketIdentity id = identify(BorrowedFd(fd));
   if (id.is_socket && id.family == AF_UNIX && !options.allow_unix_sockets) {
-    return "unix socket descriptors are not allowed (R11)";
+    return "unix socket descriptors are not allowed (R11), got " + id.describe();
   }
-  return mismatch(id, options.expect);
+  auto why = mismatch(id, options.expect);
+  if (why && !id.is_socket) *why += " (" + file_kind(fd) + ")";
+  return why;
+}
+
+// The peer shut down its sending side (or is gone). Distinguishes the end of the stream
+// from a zero-length message, which reads as 0 bytes too (R4).
+bool peer_finished(int fd) {
+  pollfd p{fd, POLLRDHUP, 0};
+  const int n = sys::retry_eintr([&] { return ::poll(&p, 1, 0); });
+  return n < 0 || (p.revents & (POLLRDHUP | POLLHUP | POLLERR)) != 0;
+}
+
+// After MSG_CTRUNC: 0 if this process still has a free descriptor slot, otherwise the
+// errno (EMFILE/ENFILE) that shows the kernel dropped descriptors for lack of slots (R9).
+// The descriptors that did arrive are still open at this point, so a full table stays full.
+int descriptor_table_full(int fd) {
+  Fd probe(::fcntl(fd, F_DUPFD_CLOEXEC, 0));
+  if (probe.valid()) return 0;
+  return errno == EMFILE || errno == ENFILE ? errno : 0;
 }
 
 }  // namespace
@@ -146,9 +182,7 @@ std::optional<std::uint64_t> Channel::try_send(const Outgoing& message) {
     header.meta_len = static_cast<std::uint32_t>(meta_size);
     wire::encode_metadata(message.fd_meta, meta);
   }
-  header.seq = next_seq();
   std::array<std::byte, wire::kHeaderSize> head{};
-  wire::encode_header(header, head);
 
   std::array<iovec, 3> iov{};
   int iov_count = 0;
@@ -174,8 +208,15 @@ std::optional<std::uint64_t> Channel::try_send(const Outgoing& message) {
     for (std::size_t i = 0; i < message.fds.size(); ++i) out[i] = message.fds[i].get();
   }
 
+  // The number is chosen and the message sent under one lock: numbers reach the wire in
+  // order and without gaps even with several sending threads. sendmsg never blocks here.
+  std::lock_guard lock(send_mutex_);
+  header.seq = seq_.load(std::memory_order_relaxed) + 1;
+  wire::encode_header(header, head);
   // SEQPACKET sends a message whole or not at all, so descriptors can never go out twice
-  // on a partial write (libuv #2086). MSG_NOSIGNAL: a dead peer is an error, not SIGPIPE.
+  // on a partial write (libuv #2086). MSG_NOSIGNAL: a dead peer must be an error, never
+  // SIGPIPE (R13). Linux 6.18 happens to raise SIGPIPE only on STREAM sockets; the flag
+  // makes the guarantee ours instead of an accident of the kernel version.
   const ssize_t n = sys::retry_eintr(
       [&] { return sys::seam().sendmsg(fd, &msg, MSG_NOSIGNAL | MSG_DONTWAIT); });
   if (n < 0) {
@@ -184,6 +225,7 @@ std::optional<std::uint64_t> Channel::try_send(const Outgoing& message) {
                      std::to_string(message.fds.size()) + " fds, " + std::to_string(total) +
                      " bytes)");
   }
+  seq_.store(header.seq, std::memory_order_relaxed);
   return header.seq;
 }
 
@@ -209,8 +251,13 @@ bool Channel::try_receive(Message& out, const ReceiveOptions& options) {
   msg.msg_iovlen = 1;
   msg.msg_control = control.data();
   msg.msg_controllen = control.size();
+  // Room for every descriptor one message can carry (clear() keeps the capacity), so
+  // wrapping them below never allocates: a failed allocation there would leave raw
+  // descriptors unowned.
+  out.fds.reserve(wire::kMaxFds + 2);
 
   // MSG_CMSG_CLOEXEC: a descriptor must never be inheritable, not even for an instant (R7).
+  // Never MSG_PEEK: each peek with a control buffer installs fresh duplicates (R6).
   const ssize_t n = sys::retry_eintr(
       [&] { return sys::seam().recvmsg(fd, &msg, MSG_CMSG_CLOEXEC | MSG_DONTWAIT); });
   if (n < 0) {
@@ -225,6 +272,9 @@ bool Channel::try_receive(Message& out, const ReceiveOptions& options) {
   for (cmsghdr* c = CMSG_FIRSTHDR(&msg); c != nullptr; c = CMSG_NXTHDR(&msg, c)) {
     if (c->cmsg_level != SOL_SOCKET) continue;
     if (c->cmsg_type != SCM_RIGHTS && c->cmsg_type != SCM_PIDFD) continue;
+    if (c->cmsg_len < CMSG_LEN(0)) continue;
+    // R2: count from cmsg_len, never from the header; the kernel merges several
+    // SCM_RIGHTS messages of one send into one.
     const std::size_t count = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
     const auto* data = reinterpret_cast<const unsigned char*>(CMSG_DATA(c));
     for (std::size_t i = 0; i < count; ++i) {
@@ -244,8 +294,12 @@ bool Channel::try_receive(Message& out, const ReceiveOptions& options) {
 
   if (n == 0) {
     // R4: a zero-length SEQPACKET message reads as 0 too; every sockshare message has a
-    // header, so 0 with descriptors is a broken peer and 0 without is end of stream.
-    if (!out.fds.empty()) reject(ErrorKind::protocol, "zero-length message carrying descriptors");
+    // header, so 0 with descriptors is a broken peer, and 0 without is end of stream only
+    // if the peer really shut down its side.
+    if (!out.fds.empty()) {
+      reject(ErrorKind::protocol, "zero-length message carrying descriptors (R4)");
+    }
+    if (!peer_finished(fd)) reject(ErrorKind::protocol, "zero-length message (R4)");
     throw Error(ErrorKind::peer_gone, 0, op, "the peer closed the channel");
   }
   if (msg.msg_flags & MSG_TRUNC) reject(ErrorKind::protocol, "oversized message truncated (R5)");
@@ -256,12 +310,18 @@ bool Channel::try_receive(Message& out, const ReceiveOptions& options) {
     reject(ErrorKind::protocol, decoded.error);
   }
   if (msg.msg_flags & MSG_CTRUNC) {
-    // Our control buffer always has room for a full batch, so lost descriptors mean this
-    // process ran out of descriptor slots (R9); a small buffer would be R1.
-    reject(ErrorKind::overloaded,
-           "descriptors lost in transit (MSG_CTRUNC): " + std::to_string(out.fds.size()) +
-               " of " + std::to_string(header.fd_count) + " arrived; at RLIMIT_NOFILE?",
-           header.type, header.seq);
+    // The kernel closed what did not fit (R1). Our control buffer has room for a full
+    // batch, so normally this means the descriptor table is full (R9): report overloaded
+    // so a dispatcher backs off. Anything else is a truncation we cannot explain.
+    const std::string lost = "descriptors lost in transit (MSG_CTRUNC): " +
+                             std::to_string(out.fds.size()) + " of " +
+                             std::to_string(header.fd_count) + " arrived";
+    if (const int err = descriptor_table_full(fd); err != 0) {
+      out.fds.clear();
+      throw ChannelError(ErrorKind::overloaded, err, op, lost + "; at RLIMIT_NOFILE (R9)",
+                         header.type, header.seq);
+    }
+    reject(ErrorKind::protocol, lost + " (R1)", header.type, header.seq);
   }
   if (out.fds.size() != header.fd_count) {
     reject(ErrorKind::protocol,
@@ -276,7 +336,14 @@ bool Channel::try_receive(Message& out, const ReceiveOptions& options) {
            header.type, header.seq);
   }
   for (std::size_t i = 0; i < out.fds.size(); ++i) {
-    if (auto why = unacceptable(out.fds[i].get(), options)) {
+    std::optional<std::string> why;
+    try {
+      why = unacceptable(out.fds[i].get(), options);
+    } catch (const Error& e) {
+      // Cannot be checked, so cannot be accepted; the message is consumed either way.
+      why = std::string("cannot be inspected: ") + e.what();
+    }
+    if (why) {
       reject(ErrorKind::protocol, "descriptor " + std::to_string(i) + ": " + *why, header.type,
              header.seq);
     }

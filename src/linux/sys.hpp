@@ -3,6 +3,7 @@
 #pragma once
 
 #include <sys/socket.h>
+#include <sys/syscall.h>
 #include <sys/types.h>
 
 #include <cerrno>
@@ -28,6 +29,19 @@
 #endif
 #ifndef SO_COOKIE
 #define SO_COOKIE 57
+#endif
+// pidfs (Linux 6.9+): a pidfd's inode identifies one process for the life of the boot.
+#ifndef PID_FS_MAGIC
+#define PID_FS_MAGIC 0x50494446
+#endif
+#ifndef SYS_pidfd_open
+#define SYS_pidfd_open 434
+#endif
+#ifndef SYS_clone3
+#define SYS_clone3 435
+#endif
+#ifndef SYS_pidfd_getfd
+#define SYS_pidfd_getfd 438
 #endif
 
 namespace sockshare::sys {

@@ -111,6 +111,7 @@ Child Child::program(std::vector<std::string> argv, SpawnOptions options) {
   for (auto fd : options.inherit) sources.push_back(fd.get());
   sources.push_back(ready_write.get());
   const pid_t parent = ::getpid();
+  const bool close_others = options.close_other_fds;
 
   pid_t pid = ::fork();
   if (pid < 0) throw std::runtime_error("fork failed");
@@ -126,7 +127,11 @@ Child Child::program(std::vector<std::string> argv, SpawnOptions options) {
     for (std::size_t i = 0; i < high.size(); ++i) {
       if (::dup2(high[i], 3 + static_cast<int>(i)) < 0) ::_exit(126);
     }
-    ::close_range(3 + static_cast<unsigned>(high.size()), ~0U, 0);
+    if (close_others) {
+      ::close_range(3 + static_cast<unsigned>(high.size()), ~0U, 0);
+    } else {
+      for (int fd : high) ::close(fd);
+    }
     ::signal(SIGPIPE, SIG_DFL);
     ::execve(args[0], args.data(), envp.data());
     ::_exit(127);

@@ -50,9 +50,12 @@ struct HelperRegistration {
 int run_helper_if_requested(int argc, char** argv);
 
 struct SpawnOptions {
-  std::vector<std::string> args;
-  std::vector<BorrowedFd> inherit;  // become fds 3, 4, ... in the child, in this order
-  std::vector<std::string> env;     // extra NAME=value entries
+  std::vector<std::string> args = {};
+  std::vector<BorrowedFd> inherit = {};  // become fds 3, 4, ... in the child, in this order
+  std::vector<std::string> env = {};     // extra NAME=value entries
+  // false: leave every other descriptor of the parent to close-on-exec alone, so a test
+  // can prove which descriptors a real exec would leak (R7).
+  bool close_other_fds = true;
 };
 
 // A child process. Killed with SIGKILL and reaped when destroyed if still running; it also
