@@ -70,12 +70,14 @@ std::optional<std::string> unacceptable(int fd, const ReceiveOptions& options) {
   }
   // The common expectations answered with one syscall: TCP_INFO succeeds only on a TCP
   // socket (of either family) and tells its state. identify() then only words the error.
-  if (options.expect == Expect::tcp_stream || options.expect == Expect::tcp_listener) {
+  const bool wants_listener =
+      options.expect == Expect::tcp_listener || options.expect == Expect::stream_listener;
+  if (wants_listener || options.expect == Expect::tcp_stream || options.expect == Expect::stream) {
     std::uint8_t state = 0;  // tcpi_state, the first byte of struct tcp_info
     socklen_t len = sizeof state;
-    if (::getsockopt(fd, IPPROTO_TCP, TCP_INFO, &state, &len) == 0 && len == sizeof state) {
-      const bool listening = state == TCP_LISTEN;
-      if (listening == (options.expect == Expect::tcp_listener)) return std::nullopt;
+    if (::getsockopt(fd, IPPROTO_TCP, TCP_INFO, &state, &len) == 0 && len == sizeof state &&
+        (state == TCP_LISTEN) == wants_listener) {
+      return std::nullopt;
     }
   }
   SocketIdentity id = identify(BorrowedFd(fd));

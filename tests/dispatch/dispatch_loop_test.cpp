@@ -1,0 +1,516 @@
+// Dispatcher protocol and loop behaviour with the worker ends in this process: a real
+// dispatch::Worker, or a raw Channel playing a misbehaving worker. One thread, no sleeps.
+#include <gtest/gtest.h>
+#include <sys/epoll.h>
+#include <sys/socket.h>
+
+#include <cstring>
+
+#include "dispatch_support.hpp"
+#include "sockshare/dispatch.hpp"
+
+namespace sockshare::dispatch {
+namespace {
+
+using test::Client;
+using test::pump;
+using namespace std::chrono_literals;
+
+class DispatchLoop : public test::FdLeakTest {};
+
+std::pair<Fd, Endpoint> loopback_listener() {
+  Fd fd = listen_on(parse_endpoint("127.0.0.1:0"));
+  Endpoint ep = local_endpoint(fd.borrow());
+  return {std::move(fd), ep};
+}
+
+std::vector<std::byte> u64(std::uint64_t v) {
+  std::vector<std::byte> out(8);
+  for (int i = 0; i < 8; ++i) out[static_cast<std::size_t>(i)] = static_cast<std::byte>((v >> (8 * i)) & 0xFF);
+  return out;
+}
+
+void send_hello(Channel& raw, std::uint32_t index) {
+  std::byte hello[8] = {};
+  hello[0] = static_cast<std::byte>(index);
+  raw.send({.type = kHello, .payload = hello}, 5s);
+}
+
+// Serves every connection `worker` has received; returns how many.
+std::size_t serve_all(Worker& worker) {
+  std::vector<Connection> got;
+  worker.poll(got);
+  for (auto& c : got) test::serve(c, worker.index());
+  return got.size();
+}
+
+TEST_F(DispatchLoop, S6_ConnectionArrivesWithMetadataAndIsAcknowledged) {
+  auto [listener, ep] = loopback_listener();
+  Dispatcher d;
+  d.add_listener("web", std::move(listener));
+  auto [ours, theirs] = Channel::pair();
+  d.add_worker(std::move(ours), ::getpid(), 0);
+  Worker worker(std::move(theirs), 0);
+
+  const auto before = std::chrono::system_clock::now();
+  Client client(ep, "hello\n");
+  std::vector<Connection> got;
+  ASSERT_TRUE(pump(d, [&] { worker.poll(got); return !got.empty(); }));
+  ASSERT_EQ(got.size(), 1u);
+  const ConnectionInfo& info = got[0].info;
+  EXPECT_EQ(info.listener, "web");
+  EXPECT_TRUE(info.peer.starts_with("127.0.0.1:")) << info.peer;
+  const auto accepted = std::chrono::system_clock::time_point(std::chrono::nanoseconds(info.accepted_at_ns));
+  EXPECT_GE(accepted, before - 1s);
+  EXPECT_LE(accepted, std::chrono::system_clock::now() + 1s);
+  EXPECT_TRUE(info.initial_bytes.empty());
+  test::serve(got[0], 0);
+  got.clear();
+  ASSERT_TRUE(pump(d, [&] { return client.advance() && d.stats().acknowledged == 1; }));
+  EXPECT_EQ(client.field("req"), "hello");
+  test::settle(d);
+  const Stats s = d.stats();
+  EXPECT_EQ(s.accepted, 1u);
+  EXPECT_EQ(s.dispatched, 1u);
+  std::uint64_t histogram = 0;
+  for (auto n : s.latency_counts) histogram += n;
+  EXPECT_EQ(histogram, 1u);
+  EXPECT_GT(s.latency_sum_us, 0.0);
+  test::expect_accounted(d);
+}
+
+TEST_F(DispatchLoop, S6_ListenersOnIpv4Ipv6AndUnixStream) {
+  Dispatcher d({.policy = Policy::client_hash});
+  Fd v4 = listen_on(parse_endpoint("127.0.0.1:0"));
+  Fd v6 = listen_on(parse_endpoint("[::1]:0"));
+  const std::string path = "/tmp/sockshare-dispatch-test-" + std::to_string(::getpid()) + ".sock";
+  Fd unix_listener = listen_on(parse_endpoint("unix:" + path));
+  const Endpoint ep4 = local_endpoint(v4.borrow());
+  const Endpoint ep6 = local_endpoint(v6.borrow());
+  d.add_listener("v4", std::move(v4));
+  d.add_listener("v6", std::move(v6));
+  d.add_listener("local", std::move(unix_listener));
+  EXPECT_THROW(d.add_listener("not-a-listener", test::make_pipe().first), Error);
+  auto [ours, theirs] = Channel::pair();
+  d.add_worker(std::move(ours), ::getpid(), 0);
+  Worker worker(std::move(theirs), 0);
+
+  std::vector<Client> clients;
+  clients.emplace_back(ep4, "a\n");
+  clients.emplace_back(ep6, "b\n");
+  clients.emplace_back(parse_endpoint("unix:" + path), "c\n");
+  ASSERT_TRUE(pump(d, [&] { serve_all(worker); return test::all_done(clients); }));
+  EXPECT_EQ(clients[0].field("l"), "v4");
+  EXPECT_TRUE(clients[0].field("peer").starts_with("127.0.0.1:"));
+  EXPECT_EQ(clients[1].field("l"), "v6");
+  EXPECT_TRUE(clients[1].field("peer").starts_with("[::1]:")) << clients[1].field("peer");
+  EXPECT_EQ(clients[2].field("l"), "local");
+  EXPECT_EQ(clients[2].field("peer"), "unix");
+  EXPECT_EQ(clients[2].field("req"), "c");
+  ::unlink(path.c_str());
+  test::expect_accounted(d);
+}
+
+TEST_F(DispatchLoop, S6_FirstBytesTravelWithTheConnection) {
+  auto [listener, ep] = loopback_listener();
+  Dispatcher d({.peek_bytes = 64, .peek_timeout = 150ms});
+  d.add_listener("web", std::move(listener));
+  auto [ours, theirs] = Channel::pair();
+  d.add_worker(std::move(ours), ::getpid(), 0);
+  Worker worker(std::move(theirs), 0);
+
+  Client talker(ep, "GET /peeked HTTP/1.1\n");
+  Client silent(ep, "");  // says nothing within the peek timeout
+  std::vector<Connection> got;
+  ASSERT_TRUE(pump(d, [&] { worker.poll(got); return got.size() == 2; }));
+  const auto& first = got[0].info.initial_bytes.empty() ? got[1] : got[0];
+  const auto& second = got[0].info.initial_bytes.empty() ? got[0] : got[1];
+  EXPECT_EQ(std::string(reinterpret_cast<const char*>(first.info.initial_bytes.data()),
+                        first.info.initial_bytes.size()),
+            "GET /peeked HTTP/1.1\n");
+  EXPECT_TRUE(second.info.initial_bytes.empty());
+  silent.send_more("late\n");
+  // The worker reads the rest itself: nothing the dispatcher read is lost.
+  test::serve(first, 0);
+  test::serve(second, 0);
+  got.clear();
+  ASSERT_TRUE(pump(d, [&] { return talker.advance() && silent.advance(); }));
+  EXPECT_EQ(talker.field("req"), "GET");  // "GET /peeked HTTP/1.1" up to the first space
+  EXPECT_EQ(talker.field("first"), "21");
+  EXPECT_EQ(silent.field("first"), "0");
+  EXPECT_NE(silent.reply().find("req=late"), std::string::npos) << silent.reply();
+  EXPECT_EQ(d.stats().peek_timeouts, 1u);
+}
+
+TEST_F(DispatchLoop, S6_CustomPolicyRoutesOnTheFirstBytes) {
+  auto [listener, ep] = loopback_listener();
+  Dispatcher d({.policy = Policy::custom,
+                .custom_pick = [](const ConnectionInfo& info, std::span<const WorkerView> c) {
+                  const std::string_view first(reinterpret_cast<const char*>(info.initial_bytes.data()),
+                                               info.initial_bytes.size());
+                  const std::uint32_t want = first.starts_with("GET /api") ? 1 : 0;
+                  for (std::size_t i = 0; i < c.size(); ++i) {
+                    if (c[i].index == want) return i;
+                  }
+                  return std::size_t{0};
+                },
+                .peek_bytes = 16,
+                .peek_timeout = 2s});
+  d.add_listener("web", std::move(listener));
+  auto [o0, t0] = Channel::pair();
+  d.add_worker(std::move(o0), ::getpid(), 0);
+  Worker w0(std::move(t0), 0);
+  auto [o1, t1] = Channel::pair();
+  d.add_worker(std::move(o1), ::getpid(), 1);
+  Worker w1(std::move(t1), 1);
+  ASSERT_TRUE(pump(d, [&] { return d.workers().size() == 2 && d.workers()[0].ready && d.workers()[1].ready; }));
+
+  std::vector<Client> clients;
+  // Longer than peek_bytes: the worker gets 16 bytes from the dispatcher, reads the rest.
+  for (int i = 0; i < 6; ++i) {
+    clients.emplace_back(ep, i % 2 == 0 ? "GET /api/x?pad=0123456789\n" : "GET /static/0123456789\n");
+  }
+  ASSERT_TRUE(pump(d, [&] { serve_all(w0); serve_all(w1); return test::all_done(clients); }));
+  for (int i = 0; i < 6; ++i) {
+    EXPECT_EQ(clients[static_cast<std::size_t>(i)].field("w"), i % 2 == 0 ? "1" : "0") << i;
+    EXPECT_EQ(clients[static_cast<std::size_t>(i)].field("first"), "16");
+  }
+  // The worker saw the whole request: first bytes from the dispatcher, the rest from the socket.
+  EXPECT_NE(clients[0].reply().find("req=GET /api/x?pad=0123456789\n"), std::string::npos) << clients[0].reply();
+  EXPECT_NE(clients[1].reply().find("req=GET /static/0123456789\n"), std::string::npos) << clients[1].reply();
+  test::expect_accounted(d);
+}
+
+TEST_F(DispatchLoop, R8_MoreThan253ForOneWorkerGoInSeveralMessages) {
+  auto [listener, ep] = loopback_listener();
+  Dispatcher d({.max_in_flight = 1000, .accept_batch = 400});
+  d.add_listener("web", std::move(listener));
+  auto [ours, theirs] = Channel::pair();
+  d.add_worker(std::move(ours), ::getpid(), 0);
+  Worker worker(std::move(theirs), 0);
+  ASSERT_TRUE(pump(d, [&] { return d.workers()[0].ready; }));
+  std::vector<Client> clients;
+  for (int i = 0; i < 300; ++i) clients.emplace_back(ep, "r\n");
+  d.run_once(100ms);  // one round: all 300 accepted and sent to the one worker
+  EXPECT_EQ(d.stats().dispatched, 300u);
+  std::size_t served = 0;
+  ASSERT_TRUE(pump(d, [&] { served += serve_all(worker); return served == 300; }));
+  ASSERT_TRUE(pump(d, [&] { return test::all_done(clients); }));
+  EXPECT_EQ(d.stats().workers_lost, 0u);
+  test::expect_accounted(d);
+}
+
+TEST_F(DispatchLoop, R10_EveryWorkerFullStopsAcceptingUntilOneHasRoom) {
+  auto [listener, ep] = loopback_listener();
+  Dispatcher d({.max_in_flight = 2, .ack_timeout = 60s});
+  d.add_listener("web", std::move(listener));
+  auto [ours, stuck] = Channel::pair();  // never read: a stuck worker
+  d.add_worker(std::move(ours), ::getpid(), 0);
+  send_hello(stuck, 0);
+
+  std::vector<Client> clients;
+  for (int i = 0; i < 6; ++i) clients.emplace_back(ep, "x\n");
+  ASSERT_TRUE(pump(d, [&] { return d.stats().dispatched == 2; }));
+  // More loop rounds change nothing: the other four wait in the kernel's backlog.
+  for (int i = 0; i < 20; ++i) d.run_once(1ms);
+  Stats s = d.stats();
+  EXPECT_EQ(s.accepted, 2u);
+  EXPECT_EQ(s.in_flight, 2u);
+  EXPECT_GE(s.backpressure_pauses, 1u);
+
+  // A worker with room appears: accepting resumes and the backlog drains into it.
+  auto [ours2, theirs2] = Channel::pair();
+  d.add_worker(std::move(ours2), ::getpid(), 1);
+  Worker good(std::move(theirs2), 1);
+  std::size_t served = 0;
+  ASSERT_TRUE(pump(d, [&] { served += serve_all(good); return served == 4 && d.stats().in_flight == 2; }));
+  s = d.stats();
+  EXPECT_EQ(s.accepted, 6u);  // the other two are still with the stuck one
+}
+
+TEST_F(DispatchLoop, R10_FullChannelSendsTheBatchElsewhereAndNeverBlocks) {
+  auto [listener, ep] = loopback_listener();
+  Dispatcher d({.policy = Policy::custom,
+                .custom_pick = [](const ConnectionInfo&, std::span<const WorkerView> c) {
+                  for (std::size_t i = 0; i < c.size(); ++i) {
+                    if (c[i].index == 0) return i;  // the stuck one whenever it can take more
+                  }
+                  return std::size_t{0};
+                },
+                .max_in_flight = 100000,
+                .ack_timeout = 2500ms});
+  d.add_listener("web", std::move(listener));
+  auto [ours, stuck] = Channel::pair();
+  // A small send buffer fills after a few batches: the dispatcher sees EAGAIN (R10).
+  const int small = 4096;
+  ASSERT_EQ(::setsockopt(ours.native_handle().get(), SOL_SOCKET, SO_SNDBUF, &small, sizeof small), 0);
+  d.add_worker(std::move(ours), ::getpid(), 0);
+  send_hello(stuck, 0);
+  auto [ours2, theirs2] = Channel::pair();
+  d.add_worker(std::move(ours2), ::getpid(), 1);
+  Worker good(std::move(theirs2), 1);
+  ASSERT_TRUE(pump(d, [&] { return d.workers().size() == 2 && d.workers()[1].ready; }));
+
+  std::vector<Client> clients;
+  for (int i = 0; i < 40; ++i) {
+    clients.emplace_back(ep, "r\n");
+    d.run_once(0ms);  // one batch per client, so the stuck channel fills message by message
+  }
+  std::size_t held = 0;
+  // Everything the stuck worker cannot take reaches the good one without waiting.
+  ASSERT_TRUE(pump(d, [&] {
+    serve_all(good);
+    std::size_t answered = 0;
+    for (auto& c : clients) answered += c.advance() ? 1 : 0;
+    held = 0;
+    for (const auto& v : d.workers()) held += v.index == 0 ? v.in_flight : 0;
+    return answered + held == clients.size() && held > 0;
+  }, 2000ms));
+  EXPECT_LT(held, clients.size());
+  // Then the stuck worker misses its ack deadline: cut off, the rest re-dispatched.
+  ASSERT_TRUE(pump(d, [&] { serve_all(good); return test::all_done(clients); }));
+  for (auto& c : clients) EXPECT_EQ(c.field("w"), "1");
+  test::settle(d);
+  const Stats s = d.stats();
+  // `held` may include one picked but not yet sent when the sample was taken: a connection
+  // counts as re-dispatched only if it had been sent before.
+  EXPECT_GE(s.redispatched + 1, held);
+  EXPECT_LE(s.redispatched, held);
+  EXPECT_EQ(s.workers_lost, 1u);
+  test::expect_accounted(d);
+}
+
+TEST_F(DispatchLoop, R12_WithNoWorkerLeftConnectionsWaitForTheNextOne) {
+  auto [listener, ep] = loopback_listener();
+  Dispatcher d;
+  d.add_listener("web", std::move(listener));
+  auto [ours, raw] = Channel::pair();
+  const WorkerId first = d.add_worker(std::move(ours), ::getpid(), 0);
+  send_hello(raw, 0);
+  Client client(ep, "x\n");
+  ASSERT_TRUE(pump(d, [&] { return d.stats().in_flight == 1; }));
+  d.remove_worker(first);  // e.g. its process exited: nobody is left to take the connection
+  for (int i = 0; i < 10; ++i) d.run_once(1ms);
+  EXPECT_EQ(d.stats().pending, 1u);
+  EXPECT_EQ(d.stats().dropped, 0u);
+  EXPECT_FALSE(client.advance());
+
+  auto [ours2, theirs2] = Channel::pair();
+  d.add_worker(std::move(ours2), ::getpid(), 0);  // the restarted worker
+  Worker next(std::move(theirs2), 0);
+  ASSERT_TRUE(pump(d, [&] { serve_all(next); return client.advance(); }));
+  test::settle(d);
+  const Stats s = d.stats();
+  EXPECT_EQ(s.redispatched, 1u);
+  EXPECT_EQ(s.workers_lost, 1u);
+  test::expect_accounted(d);
+}
+
+TEST_F(DispatchLoop, R12_AckTimeoutCutsWorkerOffAndRedispatches) {
+  auto [listener, ep] = loopback_listener();
+  Dispatcher d({.policy = Policy::custom,
+                .custom_pick = [](const ConnectionInfo&, std::span<const WorkerView> c) {
+                  for (std::size_t i = 0; i < c.size(); ++i) {
+                    if (c[i].index == 0) return i;  // the silent one whenever it is there
+                  }
+                  return std::size_t{0};
+                },
+                .ack_timeout = 100ms});
+  std::vector<std::pair<WorkerId, pid_t>> lost;
+  d.on_worker_lost = [&](WorkerId id, pid_t pid) { lost.emplace_back(id, pid); };
+  d.add_listener("web", std::move(listener));
+  auto [ours, silent] = Channel::pair();
+  const WorkerId silent_id = d.add_worker(std::move(ours), 4242, 0);
+  send_hello(silent, 0);
+  auto [ours2, theirs2] = Channel::pair();
+  d.add_worker(std::move(ours2), ::getpid(), 1);
+  Worker good(std::move(theirs2), 1);
+
+  Client client(ep, "x\n");
+  std::size_t served = 0;
+  ASSERT_TRUE(pump(d, [&] { served += serve_all(good); return client.advance(); }));
+  EXPECT_EQ(client.field("w"), "1");
+  ASSERT_EQ(lost.size(), 1u);
+  EXPECT_EQ(lost[0].first, silent_id);
+  EXPECT_EQ(lost[0].second, 4242);
+  test::settle(d);
+  const Stats s = d.stats();
+  EXPECT_EQ(s.redispatched, 1u);
+  EXPECT_EQ(s.workers_lost, 1u);
+  EXPECT_EQ(s.dispatched, 2u);
+  test::expect_accounted(d);
+}
+
+// A worker that sends something malformed is cut off; whatever it held goes elsewhere.
+void expect_cut_off_for(const std::function<void(Channel&, const Message&)>& misbehave) {
+  auto [listener, ep] = loopback_listener();
+  Dispatcher d({.policy = Policy::custom,
+                .custom_pick = [](const ConnectionInfo&, std::span<const WorkerView> c) {
+                  for (std::size_t i = 0; i < c.size(); ++i) {
+                    if (c[i].index == 0) return i;
+                  }
+                  return std::size_t{0};
+                }});
+  d.add_listener("web", std::move(listener));
+  auto [ours, bad] = Channel::pair();
+  d.add_worker(std::move(ours), ::getpid(), 0);
+  send_hello(bad, 0);
+  auto [ours2, theirs2] = Channel::pair();
+  d.add_worker(std::move(ours2), ::getpid(), 1);
+  Worker good(std::move(theirs2), 1);
+
+  Client client(ep, "x\n");
+  Message m;
+  ASSERT_TRUE(pump(d, [&] {
+    return bad.try_receive(m, {.expect = Expect::stream, .allow_unix_sockets = true});
+  }));
+  ASSERT_EQ(m.type, kConnections);
+  misbehave(bad, m);
+  m.fds.clear();
+  std::size_t served = 0;
+  ASSERT_TRUE(pump(d, [&] { served += serve_all(good); return client.advance(); }));
+  EXPECT_EQ(client.field("w"), "1");
+  test::settle(d);
+  const Stats s = d.stats();
+  EXPECT_EQ(s.worker_protocol_errors, 1u);
+  EXPECT_EQ(s.workers_lost, 1u);
+  EXPECT_EQ(s.redispatched, 1u);
+  test::expect_accounted(d);
+}
+
+TEST_F(DispatchLoop, R13_GarbageOnTheChannelCutsTheWorkerOff) {
+  expect_cut_off_for([](Channel& bad, const Message&) {
+    const char garbage[] = "this is not a sockshare message at all";
+    ASSERT_GT(::send(bad.native_handle().get(), garbage, sizeof garbage, MSG_NOSIGNAL), 0);
+  });
+}
+
+TEST_F(DispatchLoop, R13_AckForAConnectionNotHeldCutsTheWorkerOff) {
+  expect_cut_off_for([](Channel& bad, const Message&) {
+    auto payload = u64(999999);
+    bad.send({.type = kAck, .payload = payload}, 5s);
+  });
+}
+
+TEST_F(DispatchLoop, R16_DescriptorsFromAWorkerCutItOff) {
+  expect_cut_off_for([](Channel& bad, const Message& m) {
+    BorrowedFd fds[] = {m.fds[0].borrow()};
+    bad.send({.type = kLoad, .payload = u64(1), .fds = fds}, 5s);
+  });
+}
+
+TEST_F(DispatchLoop, R13_UnknownMessageTypeCutsTheWorkerOff) {
+  expect_cut_off_for([](Channel& bad, const Message&) { bad.send({.type = 0x1234}, 5s); });
+}
+
+TEST_F(DispatchLoop, R9_RejectedBatchGoesToAnotherWorker) {
+  auto [listener, ep] = loopback_listener();
+  Dispatcher d({.policy = Policy::custom,
+                .custom_pick = [](const ConnectionInfo&, std::span<const WorkerView> c) {
+                  for (std::size_t i = 0; i < c.size(); ++i) {
+                    if (c[i].index == 0) return i;
+                  }
+                  return std::size_t{0};
+                }});
+  d.add_listener("web", std::move(listener));
+  auto [ours, raw] = Channel::pair();
+  d.add_worker(std::move(ours), ::getpid(), 0);
+  send_hello(raw, 0);
+  auto [ours2, theirs2] = Channel::pair();
+  d.add_worker(std::move(ours2), ::getpid(), 1);
+  Worker good(std::move(theirs2), 1);
+
+  Client client(ep, "x\n");
+  Message m;
+  ASSERT_TRUE(pump(d, [&] { return raw.try_receive(m, {.expect = Expect::stream}); }));
+  // As if the descriptors had been lost at RLIMIT_NOFILE: drop them, name the batch.
+  m.fds.clear();
+  raw.send({.type = kReject, .payload = u64(m.seq)}, 5s);
+  std::size_t served = 0;
+  ASSERT_TRUE(pump(d, [&] { served += serve_all(good); return client.advance(); }));
+  EXPECT_EQ(client.field("w"), "1");
+  test::settle(d);
+  const Stats s = d.stats();
+  EXPECT_EQ(s.rejected_batches, 1u);
+  EXPECT_EQ(s.redispatched, 1u);
+  EXPECT_EQ(s.workers_lost, 0u);  // a reject is not misbehaviour
+  test::expect_accounted(d);
+}
+
+TEST_F(DispatchLoop, S6_DrainFinishesWhenWorkersAcknowledgeAndSayBye) {
+  auto [listener, ep] = loopback_listener();
+  Dispatcher d;
+  d.add_listener("web", std::move(listener));
+  auto [ours, theirs] = Channel::pair();
+  d.add_worker(std::move(ours), ::getpid(), 0);
+  Worker worker(std::move(theirs), 0);
+  Client client(ep, "x\n");
+  ASSERT_TRUE(pump(d, [&] { return d.stats().dispatched == 1; }));
+  d.drain(5s);
+  std::vector<Connection> got;
+  bool more = true;
+  ASSERT_TRUE(pump(d, [&] {
+    if (more) more = worker.poll(got);
+    return d.drained();
+  }));
+  EXPECT_FALSE(more);
+  EXPECT_TRUE(worker.draining());
+  ASSERT_EQ(got.size(), 1u);
+  test::serve(got[0], 0);
+  EXPECT_TRUE(client.advance());
+  // The listener is closed: new clients are refused.
+  EXPECT_THROW((void)connect_to(ep), Error);
+  test::settle(d);
+  const Stats s = d.stats();
+  EXPECT_EQ(s.dropped, 0u);
+  test::expect_accounted(d);
+}
+
+TEST_F(DispatchLoop, S6_DrainDeadlineDropsWhatWasNeverAcknowledged) {
+  auto [listener, ep] = loopback_listener();
+  Dispatcher d({.ack_timeout = 60s});
+  d.add_listener("web", std::move(listener));
+  auto [ours, silent] = Channel::pair();
+  d.add_worker(std::move(ours), ::getpid(), 0);
+  send_hello(silent, 0);
+  Client client(ep, "x\n");
+  ASSERT_TRUE(pump(d, [&] { return d.stats().dispatched == 1; }));
+  const auto start = std::chrono::steady_clock::now();
+  d.drain(150ms);
+  ASSERT_TRUE(pump(d, [&] { return d.drained(); }, 5s));
+  EXPECT_GE(std::chrono::steady_clock::now() - start, 140ms);
+  test::settle(d);
+  const Stats s = d.stats();
+  EXPECT_EQ(s.dropped, 1u);
+  test::expect_accounted(d);
+}
+
+TEST_F(DispatchLoop, S6_StopAndWatchShareTheLoop) {
+  Dispatcher d;
+  auto [r, w] = test::make_pipe();
+  int calls = 0;
+  d.watch(r.borrow(), EPOLLIN, [&](std::uint32_t events) {
+    EXPECT_TRUE(events & EPOLLIN);
+    char c;
+    ASSERT_EQ(::read(r.get(), &c, 1), 1);
+    ++calls;
+    d.stop();
+  });
+  ASSERT_EQ(::write(w.get(), "x", 1), 1);
+  d.run();  // returns because the callback called stop()
+  EXPECT_EQ(calls, 1);
+  EXPECT_TRUE(d.stopped());
+  d.unwatch(r.borrow());
+}
+
+TEST_F(DispatchLoop, R13_WorkerSeesDispatcherGoneAsEndOfService) {
+  auto [ours, theirs] = Channel::pair();
+  Worker worker(std::move(theirs), 3);
+  { Channel closing = std::move(ours); }
+  std::vector<Connection> got;
+  EXPECT_FALSE(worker.poll(got));
+  worker.report_load(5);  // no SIGPIPE, no throw: the peer is simply gone
+}
+
+}  // namespace
+}  // namespace sockshare::dispatch
