@@ -7,6 +7,14 @@
 //   redeem (SCM_RIGHTS):       redeem(info): connect, identity checks both ways, token,
 //                              descriptor, cookie check, ack
 //   redeem (fast path):        the same with pidfd_getfd instead of SCM_RIGHTS
+//   redeem, direct (first):    redeem(info, {.direct = true}) with an empty source-pidfd
+//                              cache: local checks, pidfd_open + identity of the source,
+//                              pidfd_getfd, cookie and kind check; no message at all
+//   redeem, direct (cached):   the same with the source's pidfd cached (steady state):
+//                              local checks, pidfd_getfd, one getsockopt (SO_COOKIE)
+//   direct, cached, new socket: the same, but every grant is for a socket not redeemed
+//                              before, so its kind is read too (three more getsockopt)
+// Both direct rows include the close, like the raw pidfd_getfd row they are compared with.
 // The source runs in the parent, the target in a forked child; the child measures and prints.
 // With two or more CPUs the source (and its serving thread) is pinned to one CPU and the
 // target to another, so every figure is a cross-core one: unpinned, the raw ping-pong may
@@ -154,28 +162,51 @@ int run_target(int control, int raw, int iterations) {
   }
 
   // 3 and 4. redemptions, batch by batch: the source sends kBatch infos, we redeem them all.
-  Summary s_redeem[2];
-  for (int fast = 0; fast < 2; ++fast) {
+  // 5 and 6. direct redemptions the same way ("d": the source makes direct grants), first
+  // with the source-pidfd cache emptied before every redemption, then with it warm.
+  enum Kind { channel, fast_path, direct_first, direct_cached, direct_new_socket, kKinds };
+  Summary s_redeem[kKinds];
+  DirectSourceCache cache;
+  for (int kind = 0; kind < kKinds; ++kind) {
+    const bool direct = kind >= direct_first;
     std::vector<double> lat;
     double busy = 0;
     const int batches = (iterations + kBatch - 1) / kBatch + 1;  // the first one warms up
     for (int b = 0; b < batches; ++b) {
-      write_exact(control, "g", 1);  // ask for a batch
+      // Ask for a batch: "g" channel grants, "d" direct grants, "n" direct grants each for
+      // a new socket.
+      write_exact(control, kind == direct_new_socket ? "n" : direct ? "d" : "g", 1);
       std::vector<SocketInfo> infos(kBatch);
       for (auto& info : infos) {
         std::array<std::byte, SocketInfo::kBinarySize> bytes{};
         read_exact(control, bytes.data(), bytes.size());
         info = SocketInfo::from_bytes(bytes);
       }
-      const auto batch_start = Clock::now();
+      const RedeemOptions options{.timeout = std::chrono::seconds(5),
+                                  .fast_path = kind == fast_path,
+                                  .direct = direct,
+                                  .direct_fallback = false,
+                                  .sources = &cache};
+      double batch_busy = 0;
       for (const auto& info : infos) {
+        if (kind == direct_first) cache.clear();
         const auto t = Clock::now();
-        Fd socket = redeem(info, {.timeout = std::chrono::seconds(5), .fast_path = fast == 1});
-        if (b > 0) lat.push_back(since_us(t));
+        if (direct) {
+          { Fd socket = redeem(info, options); }  // closed inside the timing, as in the raw row
+          lat.push_back(since_us(t));
+        } else {
+          Fd socket = redeem(info, options);
+          lat.push_back(since_us(t));
+        }
+        batch_busy += lat.back() / 1e6;
       }
-      if (b > 0) busy += std::chrono::duration<double>(Clock::now() - batch_start).count();
+      if (b == 0) {
+        lat.clear();  // warm-up
+      } else {
+        busy += batch_busy;
+      }
     }
-    s_redeem[fast] = summarize(lat, busy);
+    s_redeem[kind] = summarize(lat, busy);
   }
   write_exact(control, "x", 1);
 
@@ -187,16 +218,25 @@ int run_target(int control, int raw, int iterations) {
   row("raw pidfd_getfd + close", s_getfd);
   row("fast-path step: getfd + identity", s_take);
   row("redeem, SCM_RIGHTS path", s_redeem[0]);
-  row("redeem, pidfd_getfd fast path", s_redeem[1]);
-  std::printf("\nratio redeem / raw round trip (p50):           %6.2f  (target <= 2.5)\n",
-              s_redeem[0].p50_us / s_raw.p50_us);
-  std::printf("ratio fast-path redeem / raw round trip (p50): %6.2f\n",
-              s_redeem[1].p50_us / s_raw.p50_us);
+  row("redeem, pidfd_getfd fast path", s_redeem[fast_path]);
+  row("redeem, direct (first from source)", s_redeem[direct_first]);
+  row("redeem, direct (cached pidfd)", s_redeem[direct_cached]);
+  row("direct, cached, new socket", s_redeem[direct_new_socket]);
+  std::printf("\nratio redeem / raw round trip (p50):             %6.2f  (target <= 2.5)\n",
+              s_redeem[channel].p50_us / s_raw.p50_us);
+  std::printf("ratio fast-path redeem / raw round trip (p50):   %6.2f\n",
+              s_redeem[fast_path].p50_us / s_raw.p50_us);
   if (s_getfd.p50_us > 0) {
-    std::printf("ratio fast-path redeem / raw pidfd_getfd (p50): %6.2f  (target <= 3)\n",
-                s_redeem[1].p50_us / s_getfd.p50_us);
-    std::printf("ratio fast-path step / raw pidfd_getfd (p50):   %6.2f\n",
+    std::printf("ratio fast-path redeem / raw pidfd_getfd (p50):  %6.2f\n",
+                s_redeem[fast_path].p50_us / s_getfd.p50_us);
+    std::printf("ratio fast-path step / raw pidfd_getfd (p50):    %6.2f\n",
                 s_take.p50_us / s_getfd.p50_us);
+    std::printf("ratio direct, first / raw pidfd_getfd (p50):     %6.2f\n",
+                s_redeem[direct_first].p50_us / s_getfd.p50_us);
+    std::printf("ratio direct, cached / raw pidfd_getfd (p50):    %6.2f  (target <= 3)\n",
+                s_redeem[direct_cached].p50_us / s_getfd.p50_us);
+    std::printf("ratio direct, new socket / raw pidfd_getfd (p50): %5.2f\n",
+                s_redeem[direct_new_socket].p50_us / s_getfd.p50_us);
   }
   std::fflush(stdout);
   return 0;
@@ -221,12 +261,30 @@ int run_source(int control, int raw, pid_t child, int iterations) {
 
   GrantServer server({.max_grants_per_target = kBatch});
   Fd target = pidfd::open(child);
+  // Direct grants stay in the table until they expire (the source never hears of a direct
+  // redemption); revoke the previous batch's before making the next, as a source that knows
+  // its target is done would, so the quota holds.
+  std::vector<SocketInfo> direct_batch;
+  std::vector<Fd> fresh;  // the "n" batches' sockets, one per grant
   for (;;) {
     char c = 0;
     read_exact(control, &c, 1);
     if (c == 'x') break;
+    for (const auto& info : direct_batch) (void)server.revoke(info);
+    direct_batch.clear();
+    fresh.clear();
+    const GrantOptions options{.direct = c == 'd' || c == 'n'};
     for (int i = 0; i < kBatch; ++i) {
-      const SocketInfo info = server.duplicate(shared.borrow(), Target::pidfd(target.borrow()));
+      BorrowedFd socket = shared.borrow();
+      if (c == 'n') {
+        int pair[2];
+        if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, pair) != 0) return 1;
+        fresh.emplace_back(pair[0]);
+        fresh.emplace_back(pair[1]);
+        socket = fresh.back().borrow();
+      }
+      const SocketInfo info = server.duplicate(socket, Target::pidfd(target.borrow()), options);
+      if (options.direct) direct_batch.push_back(info);
       const auto bytes = info.to_bytes();
       write_exact(control, bytes.data(), bytes.size());
     }

@@ -174,7 +174,10 @@ std::string SocketInfo::describe() const {
   id.type = type;
   id.protocol = protocol;
   std::string text = id.describe() + " from pid " + std::to_string(source_pid) + " for pid " +
-                     std::to_string(target_pid) + (mode == ShareMode::move ? " (move" : " (share");
+                     std::to_string(target_pid) +
+                     (mode == ShareMode::move      ? " (move"
+                      : (flags & kFlagDirect) != 0 ? " (share, direct"
+                                                   : " (share");
   timespec now{};
   ::clock_gettime(CLOCK_MONOTONIC, &now);
   const auto now_ns = static_cast<std::uint64_t>(now.tv_sec) * 1'000'000'000U +
@@ -198,6 +201,7 @@ std::array<std::byte, SocketInfo::kBinarySize> SocketInfo::to_bytes() const {
   w.u32(static_cast<std::uint32_t>(type));
   w.u32(static_cast<std::uint32_t>(protocol));
   w.u64(cookie);
+  w.u32(static_cast<std::uint32_t>(source_fd));
   w.u32(static_cast<std::uint32_t>(source_pid));
   w.u32(source_uid);
   w.u64(source_inode);
@@ -235,6 +239,7 @@ SocketInfo SocketInfo::from_bytes(std::span<const std::byte> bytes) {
   info.type = static_cast<std::int32_t>(r.u32());
   info.protocol = static_cast<std::int32_t>(r.u32());
   info.cookie = r.u64();
+  info.source_fd = static_cast<std::int32_t>(r.u32());
   info.source_pid = static_cast<std::int32_t>(r.u32());
   info.source_uid = r.u32();
   info.source_inode = r.u64();
@@ -247,6 +252,14 @@ SocketInfo SocketInfo::from_bytes(std::span<const std::byte> bytes) {
   const std::uint32_t crc = r.u32();
   if (crc != crc32(bytes.first(kCrcOffset))) bad(op, "checksum mismatch (damaged or edited)");
   if (info.source_pid <= 0 || info.target_pid <= 0) bad(op, "source or target pid not positive");
+  if ((info.flags & kFlagDirect) != 0) {
+    // Direct redemption rests on the cookie check (R20) and exists for share grants only.
+    if (info.mode != ShareMode::share) bad(op, "direct redemption offered for a move grant");
+    if (info.source_fd < 0) bad(op, "direct redemption offered without a descriptor number");
+    if (info.cookie == 0) bad(op, "direct redemption offered without a socket cookie");
+  } else if (info.source_fd != -1) {
+    bad(op, "descriptor number set without the direct flag");
+  }
   // The endpoint: '@' or '/', then non-NUL bytes, then only NUL padding (at least one NUL,
   // so the text always fits sun_path with its terminator or leading NUL).
   const auto end = std::find(info.endpoint.begin(), info.endpoint.end(), '\0');
@@ -300,6 +313,8 @@ std::string_view to_string(GrantOutcome outcome) noexcept {
       return "target exited";
     case GrantOutcome::failed:
       return "failed";
+    case GrantOutcome::lapsed:
+      return "lapsed";
   }
   return "unknown";
 }

@@ -4,7 +4,10 @@
 // to one target process. The info travels by any IPC (its text form fits argv, an environment
 // variable or a file); the target calls redeem(info) and gets its own descriptor for the same
 // underlying socket. Redemption speaks typed messages over a Channel to the source's grant
-// endpoint; both ends check the other's pidfd identity. docs/GRANTS.md is the user guide.
+// endpoint; both ends check the other's pidfd identity. A share grant made with
+// GrantOptions::direct can also be redeemed with no message to the source at all
+// (RedeemOptions::direct: pidfd_getfd on a number carried in the info), with weaker
+// guarantees that docs/GRANTS.md spells out. docs/GRANTS.md is the user guide.
 //
 // Thread safety: every public GrantServer method may be called from any thread at any time.
 // SocketInfo is a plain value. redeem() is reentrant (each call has its own connection).
@@ -41,10 +44,13 @@ enum class ShareMode : std::uint8_t {
 struct SocketInfo {
   static constexpr std::uint16_t kVersion = 1;
   static constexpr std::size_t kEndpointSize = 108;    // sockaddr_un::sun_path
-  static constexpr std::size_t kBinarySize = 196;      // including the trailing CRC-32
-  static constexpr std::size_t kTextSize = 11 + 262;   // "sockshare1:" + base64url, no padding
+  static constexpr std::size_t kBinarySize = 200;      // including the trailing CRC-32
+  static constexpr std::size_t kTextSize = 11 + 267;   // "sockshare1:" + base64url, no padding
   static constexpr std::uint8_t kFlagFastPath = 0x01;  // the source offers pidfd_getfd
-  static constexpr std::uint8_t kKnownFlags = kFlagFastPath;
+  // The source offers direct redemption: source_fd names the duplicate it holds, and the
+  // target may take it with pidfd_getfd without contacting the source (share mode only).
+  static constexpr std::uint8_t kFlagDirect = 0x02;
+  static constexpr std::uint8_t kKnownFlags = kFlagFastPath | kFlagDirect;
 
   std::uint16_t version = kVersion;
   ShareMode mode = ShareMode::share;
@@ -54,6 +60,9 @@ struct SocketInfo {
   std::int32_t type = 0;
   std::int32_t protocol = 0;
   std::uint64_t cookie = 0;
+  // With kFlagDirect: the number of the duplicate the source holds for this grant until it
+  // expires or is revoked; -1 otherwise (the parser insists on exactly that).
+  std::int32_t source_fd = -1;
   // The source (who serves the grant) and the target (who alone may redeem it). The inode
   // is the process's pidfs inode (Linux 6.9+), unique for the boot; 0 where unavailable,
   // in which case identity falls back to pid + uid (R17, documented).
@@ -106,6 +115,13 @@ class Target {
 
 struct GrantOptions {
   std::chrono::milliseconds ttl{5000};  // the grant expires this long after duplicate()
+  // Offer direct redemption (share only; move() refuses it, a move needs the ack): the info
+  // carries the number of the duplicate the source holds, and the target may take it with
+  // pidfd_getfd without a round trip. The source cannot see such a redemption, so it keeps
+  // the duplicate until the ttl, revoke() or the target's exit, and then reports `lapsed`:
+  // keep the ttl short. Single use is not enforced against the target (docs/GRANTS.md).
+  // Ignored (no kFlagDirect) when the kernel reports no socket cookie to check.
+  bool direct = false;
 };
 
 enum class GrantOutcome : std::uint8_t {
@@ -115,6 +131,8 @@ enum class GrantOutcome : std::uint8_t {
   revoked,        // the GrantServer was destroyed first (revoke() itself reports nothing)
   target_exited,  // the target died before redeeming it
   failed,         // the redeemer disconnected, timed out or rejected what it got
+  lapsed,         // a direct grant reached its expiry: the target may have taken it directly
+                  // (invisible to the source) or not at all
 };
 [[nodiscard]] std::string_view to_string(GrantOutcome outcome) noexcept;
 
@@ -151,6 +169,7 @@ struct GrantServerStats {
   std::uint64_t target_exited = 0;
   std::uint64_t failed = 0;
   std::uint64_t fast_path = 0;  // redemptions completed through pidfd_getfd
+  std::uint64_t lapsed = 0;     // direct grants that reached their expiry (redeemed or not)
   std::size_t pending = 0;      // grants not yet presented
   std::size_t in_progress = 0;  // redemptions waiting for their acknowledgement
 };
@@ -176,7 +195,10 @@ class GrantServer {
 
   // Takes back a grant not yet presented. Returns the descriptor the grant held (a
   // duplicate for share, the moved socket for move), or nullopt if the grant is unknown,
-  // already presented, expired or revoked. No GrantEvent is reported for it.
+  // already presented, expired or revoked. No GrantEvent is reported for it. For a direct
+  // grant the number named in the info is closed here and the returned descriptor is a
+  // fresh duplicate under another number, so a direct redemption can no longer take it
+  // (if that duplicate cannot be made, at EMFILE, the returned Fd is empty).
   std::optional<Fd> revoke(const SocketInfo& info);
 
   // Pollable for POLLIN whenever process_events() has work (connections, messages, expiry,
@@ -194,19 +216,56 @@ class GrantServer {
   std::unique_ptr<Impl> impl_;
 };
 
+// Pidfds of grant sources kept between direct redemptions, so that repeated redemptions
+// from one source cost one pidfd_getfd and one getsockopt. Keyed by the source's pid and
+// pidfs inode (pid and uid before pidfs); an entry is dropped when its source turns out to
+// have exited, and the oldest when the cache is full. Thread-safe. redeem() uses the
+// process-wide one unless RedeemOptions::sources names another.
+struct RedeemOptions;
+
+class DirectSourceCache {
+ public:
+  explicit DirectSourceCache(std::size_t capacity = 16);
+  ~DirectSourceCache();
+  DirectSourceCache(const DirectSourceCache&) = delete;
+  DirectSourceCache& operator=(const DirectSourceCache&) = delete;
+
+  [[nodiscard]] static DirectSourceCache& process();
+  void clear();  // closes every cached pidfd
+  [[nodiscard]] std::size_t size() const;
+
+  class Impl;
+
+ private:
+  friend Fd redeem(const SocketInfo& info, const RedeemOptions& options);
+  std::unique_ptr<Impl> impl_;
+};
+
 struct RedeemOptions {
   std::chrono::milliseconds timeout{5000};
   // R20: ask for the descriptor number and take it with pidfd_getfd; falls back to
   // SCM_RIGHTS when the kernel refuses (ptrace rules, Yama, seccomp). The socket cookie is
   // checked either way.
   bool fast_path = false;
+  // Direct redemption, no round trip: when the info offers it (kFlagDirect), check expiry
+  // and that this process is the target locally, open (or reuse) a pidfd for the source and
+  // check its identity (R17), pidfd_getfd the number in the info and check the socket's
+  // cookie and kind (R20). Anything that prevents it (the kernel refuses pidfd_getfd, the
+  // number no longer names the granted socket, the info does not offer it) falls back to
+  // the channel redemption above, unless direct_fallback is false: then it throws refused.
+  bool direct = false;
+  bool direct_fallback = true;
+  DirectSourceCache* sources = nullptr;  // nullptr: DirectSourceCache::process()
 };
 
 // The WSASocket(FROM_PROTOCOL_INFO) analogue: connects to the source named in `info`,
 // checks that it is that source (R18), presents the token, verifies that what arrives is
 // the socket described (R15/R20) and acknowledges it. Returns an owned, close-on-exec
 // descriptor. Throws Error: refused (not the target, wrong source, grant unknown, used,
-// expired or revoked), peer_gone (the source is gone), protocol, timed_out.
+// expired or revoked; with direct and no fallback: why pidfd_getfd could not take the
+// socket), peer_gone (the source is gone), protocol, timed_out. With options.direct and a
+// direct grant it contacts nothing (see RedeemOptions::direct).
+// Thread safety: reentrant; DirectSourceCache is internally locked.
 [[nodiscard]] Fd redeem(const SocketInfo& info, const RedeemOptions& options = {});
 
 // Reads an info text from environment variable `name`, or, if `name`_FD is set instead (the

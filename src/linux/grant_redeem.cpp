@@ -4,9 +4,14 @@
 #include <time.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
+#include <mutex>
 #include <string>
+#include <variant>
+#include <vector>
 
 #include "linux/pidfd.hpp"
 #include "linux/sys.hpp"
@@ -63,21 +68,258 @@ bool same_process(const pidfd::Identity& who, std::uint64_t inode, std::int32_t 
   return who.pid == pid && who.uid == uid;
 }
 
-}  // namespace
+std::string redeem_op(const SocketInfo& info) {
+  return "redeem(" + info.describe() + ")";
+}
 
-Fd redeem(const SocketInfo& info, const RedeemOptions& options) {
-  const std::string op = "redeem(" + info.describe() + ")";
-  const auto deadline = Clock::now() + options.timeout;
+std::string source_exited(const SocketInfo& info) {
+  return "the source process (pid " + std::to_string(info.source_pid) + ") has exited";
+}
 
-  // The source refuses these too; checking first gives the target a precise message and
-  // never shows the token to anyone when the grant cannot be ours.
+// Checks every redemption path makes before anything else. The source refuses these too;
+// checking first gives the target a precise message and never shows the token (or, for a
+// direct redemption, touches the source) when the grant cannot be ours.
+void check_target_and_expiry(const SocketInfo& info) {
   const pidfd::Identity me = pidfd::self();
   if (!same_process(me, info.target_inode, info.target_pid, info.target_uid)) {
-    throw Error(ErrorKind::refused, 0, op,
+    throw Error(ErrorKind::refused, 0, redeem_op(info),
                 "this grant is bound to pid " + std::to_string(info.target_pid) +
                     ", not to this process (pid " + std::to_string(me.pid) + ") (S1/R17)");
   }
-  if (info.expires_ns <= now_ns()) throw Error(ErrorKind::refused, 0, op, "the grant has expired");
+  if (info.expires_ns <= now_ns()) {
+    throw Error(ErrorKind::refused, 0, redeem_op(info), "the grant has expired");
+  }
+}
+
+std::optional<std::uint64_t> cookie_of(int fd) {
+  std::uint64_t cookie = 0;
+  socklen_t len = sizeof cookie;
+  if (::getsockopt(fd, SOL_SOCKET, SO_COOKIE, &cookie, &len) != 0 || len != sizeof cookie) {
+    return std::nullopt;
+  }
+  return cookie;
+}
+
+// Why a direct redemption could not complete; the caller falls back to the channel or
+// throws refused with it.
+struct DirectRefusal {
+  int code = 0;
+  std::string why;
+};
+
+}  // namespace
+
+// ---- the source pidfd cache ---------------------------------------------------------------
+
+class DirectSourceCache::Impl {
+ public:
+  explicit Impl(std::size_t capacity) : capacity_(std::max<std::size_t>(1, capacity)) {}
+
+  // The last socket whose kind was verified through a source. A cookie names one socket for
+  // the boot and a socket's family, type and protocol never change, so once verified, a
+  // later redemption of the same socket needs only its cookie.
+  struct Verified {
+    std::uint64_t cookie = 0;
+    std::int32_t family = 0;
+    std::int32_t type = 0;
+    std::int32_t protocol = 0;
+  };
+  struct Lookup {
+    std::shared_ptr<const Fd> pidfd;
+    Verified verified;
+  };
+
+  // The pidfd of the source named in `info`, opened and identity-checked (R17) on first use.
+  // Throws peer_gone when the source has exited (or its pid now names another process).
+  Lookup find_or_open(const SocketInfo& info) {
+    {
+      std::lock_guard lock(mutex_);
+      if (Entry* entry = find(info)) {
+        entry->used = ++clock_;
+        return {entry->pidfd, entry->verified};
+      }
+    }
+    std::optional<Fd> opened = pidfd::try_open(info.source_pid);
+    if (!opened) throw Error(ErrorKind::peer_gone, ESRCH, redeem_op(info), source_exited(info));
+    pidfd::Identity who;
+    try {
+      who = pidfd::identify(opened->borrow());
+    } catch (const Error& e) {
+      if (e.kind() != ErrorKind::refused) throw;
+      throw Error(ErrorKind::peer_gone, ESRCH, redeem_op(info), source_exited(info));
+    }
+    // R17: the pid may have been reused since the info was made; only the pidfs inode (or,
+    // before pidfs, pid and uid) says this is the process that granted it.
+    if (!same_process(who, info.source_inode, info.source_pid, info.source_uid)) {
+      throw Error(ErrorKind::peer_gone, ESRCH, redeem_op(info),
+                  source_exited(info) + " (pid " + std::to_string(info.source_pid) +
+                      " now names another process, R17)");
+    }
+    auto shared = std::make_shared<const Fd>(std::move(*opened));
+    std::lock_guard lock(mutex_);
+    if (Entry* entry = find(info)) {  // another thread got there first
+      entry->used = ++clock_;
+      return {entry->pidfd, entry->verified};
+    }
+    if (entries_.size() >= capacity_) evict_one();
+    entries_.push_back({who, shared, {}, ++clock_});
+    return {shared, {}};
+  }
+
+  void remember(const SocketInfo& info, const Verified& verified) {
+    std::lock_guard lock(mutex_);
+    if (Entry* entry = find(info)) entry->verified = verified;
+  }
+
+  void forget(const SocketInfo& info) {
+    std::lock_guard lock(mutex_);
+    std::erase_if(entries_, [&](const Entry& e) { return matches(e, info); });
+  }
+
+  void clear() {
+    std::lock_guard lock(mutex_);
+    entries_.clear();
+  }
+
+  std::size_t size() const {
+    std::lock_guard lock(mutex_);
+    return entries_.size();
+  }
+
+ private:
+  struct Entry {
+    pidfd::Identity who;
+    std::shared_ptr<const Fd> pidfd;
+    Verified verified;
+    std::uint64_t used = 0;
+  };
+
+  static bool matches(const Entry& e, const SocketInfo& info) {
+    return e.who.pid == info.source_pid &&
+           same_process(e.who, info.source_inode, info.source_pid, info.source_uid);
+  }
+
+  Entry* find(const SocketInfo& info) {
+    for (auto& e : entries_) {
+      if (matches(e, info)) return &e;
+    }
+    return nullptr;
+  }
+
+  // Sources that have exited go first (a pidfd polls readable at exit), else the least
+  // recently used. A redemption still using an evicted pidfd keeps it alive until it ends.
+  void evict_one() {
+    auto victim = std::find_if(entries_.begin(), entries_.end(),
+                               [](const Entry& e) { return pidfd::exited(e.pidfd->borrow()); });
+    if (victim == entries_.end()) {
+      victim = std::min_element(entries_.begin(), entries_.end(),
+                                [](const Entry& a, const Entry& b) { return a.used < b.used; });
+    }
+    entries_.erase(victim);
+  }
+
+  const std::size_t capacity_;
+  mutable std::mutex mutex_;
+  std::vector<Entry> entries_;
+  std::uint64_t clock_ = 0;
+};
+
+DirectSourceCache::DirectSourceCache(std::size_t capacity)
+    : impl_(std::make_unique<Impl>(capacity)) {}
+
+DirectSourceCache::~DirectSourceCache() = default;
+
+DirectSourceCache& DirectSourceCache::process() {
+  static DirectSourceCache cache;
+  return cache;
+}
+
+void DirectSourceCache::clear() {
+  impl_->clear();
+}
+
+std::size_t DirectSourceCache::size() const {
+  return impl_->size();
+}
+
+namespace {
+
+// The direct redemption: no message to the source. Returns the descriptor, or the reason it
+// could not be taken (the caller falls back or throws). Throws itself only what a fallback
+// could not cure: the source has exited.
+std::variant<Fd, DirectRefusal> redeem_direct(const SocketInfo& info,
+                                              DirectSourceCache::Impl& cache) {
+  using Verified = DirectSourceCache::Impl::Verified;
+  if ((info.flags & SocketInfo::kFlagDirect) == 0 || info.source_fd < 0 || info.cookie == 0) {
+    return DirectRefusal{0, "the source does not offer direct redemption for this grant"};
+  }
+  const auto source = cache.find_or_open(info);
+  pidfd::GetFdResult got = pidfd::get_fd(source.pidfd->borrow(), info.source_fd);
+  if (!got.fd.valid()) {
+    if (got.error == ESRCH) {
+      cache.forget(info);
+      throw Error(ErrorKind::peer_gone, ESRCH, redeem_op(info), source_exited(info));
+    }
+    std::string why = "pidfd_getfd(source pid " + std::to_string(info.source_pid) + ", fd " +
+                      std::to_string(info.source_fd) + "): " + std::strerror(got.error);
+    if (got.error == EBADF) why += " (the grant was revoked or expired)";
+    if (got.error == EPERM || got.error == EACCES) {
+      why += " (no ptrace rights over the source: other uid, non-dumpable, Yama, seccomp; R20)";
+    }
+    return DirectRefusal{got.error, std::move(why)};
+  }
+  // R20: the number is only a name; after a revoke or expiry it may name another descriptor.
+  const std::optional<std::uint64_t> cookie = cookie_of(got.fd.get());
+  if (!cookie || *cookie != info.cookie) {
+    return DirectRefusal{ESTALE, "descriptor " + std::to_string(info.source_fd) +
+                                     " of the source is no longer the granted socket (socket "
+                                     "cookie differs: revoked or expired, number reused; R20)"};
+  }
+  const Verified& known = source.verified;
+  if (known.cookie != info.cookie) {
+    // The cookie already proved it is a socket: three getsockopt calls give its kind.
+    const int fd = got.fd.get();
+    SocketIdentity id;
+    id.is_socket = true;
+    id.family = sys::get_int_option(fd, SOL_SOCKET, SO_DOMAIN).value_or(-1);
+    id.type = sys::get_int_option(fd, SOL_SOCKET, SO_TYPE).value_or(-1);
+    id.protocol = sys::get_int_option(fd, SOL_SOCKET, SO_PROTOCOL).value_or(-1);
+    cache.remember(info, {*cookie, id.family, id.type, id.protocol});
+    if (id.family != info.family || id.type != info.type || id.protocol != info.protocol) {
+      return DirectRefusal{
+          EPROTOTYPE, "got " + id.describe() + ", the info describes another kind of socket (R15)"};
+    }
+  } else if (known.family != info.family || known.type != info.type ||
+             known.protocol != info.protocol) {
+    return DirectRefusal{EPROTOTYPE, "the info describes another kind of socket (R15)"};
+  }
+  return std::move(got.fd);
+}
+
+Fd redeem_channel(const SocketInfo& info, const RedeemOptions& options);
+
+}  // namespace
+
+Fd redeem(const SocketInfo& info, const RedeemOptions& options) {
+  check_target_and_expiry(info);
+  if (!options.direct) return redeem_channel(info, options);
+  DirectSourceCache& sources =
+      options.sources != nullptr ? *options.sources : DirectSourceCache::process();
+  auto outcome = redeem_direct(info, *sources.impl_);
+  if (auto* fd = std::get_if<Fd>(&outcome)) return std::move(*fd);
+  auto& refusal = std::get<DirectRefusal>(outcome);
+  if (!options.direct_fallback) {
+    throw Error(ErrorKind::refused, refusal.code, redeem_op(info),
+                "direct redemption failed: " + refusal.why);
+  }
+  return redeem_channel(info, options);
+}
+
+namespace {
+
+Fd redeem_channel(const SocketInfo& info, const RedeemOptions& options) {
+  const std::string op = redeem_op(info);
+  const auto deadline = Clock::now() + options.timeout;
 
   Channel channel;
   try {
@@ -92,11 +334,10 @@ Fd redeem(const SocketInfo& info, const RedeemOptions& options) {
       }
     } catch (const Error&) {
     }
-    throw Error(
-        ErrorKind::peer_gone, e.code(), op,
-        source_alive
-            ? "the source process no longer serves grants at " + info.endpoint_text()
-            : "the source process (pid " + std::to_string(info.source_pid) + ") has exited");
+    throw Error(ErrorKind::peer_gone, e.code(), op,
+                source_alive
+                    ? "the source process no longer serves grants at " + info.endpoint_text()
+                    : source_exited(info));
   }
 
   // R18: anyone may bind an abstract name. Present the token only to the source itself.
@@ -181,6 +422,8 @@ Fd redeem(const SocketInfo& info, const RedeemOptions& options) {
     return socket;
   }
 }
+
+}  // namespace
 
 SocketInfo inherited_info(std::string_view name) {
   const std::string var(name);

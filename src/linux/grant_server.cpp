@@ -237,6 +237,10 @@ SocketInfo GrantServer::Impl::add(Fd socket, ShareMode mode, const Target& targe
   const std::string op = "duplicate(fd " + std::to_string(socket.get()) + ")";
   const SocketIdentity id = identify(socket.borrow());
   if (!id.is_socket) throw Error(ErrorKind::invalid_input, ENOTSOCK, op, "not a socket");
+  if (options.direct && mode != ShareMode::share) {
+    throw Error(ErrorKind::invalid_input, EINVAL, op,
+                "direct redemption is for share grants only: a move needs the target's ack");
+  }
 
   Fd target_pidfd;
   if (target.pidfd_value().valid()) {
@@ -261,6 +265,12 @@ SocketInfo GrantServer::Impl::add(Fd socket, ShareMode mode, const Target& targe
   info.type = id.type;
   info.protocol = id.protocol;
   info.cookie = id.cookie;
+  // Without a cookie the target could not tell the granted socket from whatever reuses the
+  // number after expiry or revoke, so direct redemption is offered only with one (R20).
+  if (options.direct && id.cookie != 0) {
+    info.flags |= SocketInfo::kFlagDirect;
+    info.source_fd = socket.get();
+  }
   info.source_pid = me.pid;
   info.source_uid = me.uid;
   info.source_inode = me.inode;
@@ -317,6 +327,13 @@ std::optional<Fd> GrantServer::Impl::revoke(const SocketInfo& info) {
       grants_.erase(it);
       remove_grant_watch(grant);
       rearm_timer();
+      if ((grant.info.flags & SocketInfo::kFlagDirect) != 0) {
+        // The number in the info must stop naming the socket, whatever the caller does with
+        // the descriptor handed back: duplicate it elsewhere first, then close it.
+        const int copy = ::fcntl(grant.socket.get(), F_DUPFD_CLOEXEC, 0);
+        grant.socket.reset();
+        return Fd(copy);
+      }
       return std::move(grant.socket);
     }
   }
@@ -356,8 +373,11 @@ std::size_t GrantServer::Impl::process_events() {
           grants_.erase(it);
           remove_grant_watch(grant);
           ++stats_.target_exited;
+          const bool direct = (grant.info.flags & SocketInfo::kFlagDirect) != 0;
           finish(std::move(grant), GrantOutcome::target_exited,
-                 "the target exited before redeeming", events);
+                 direct ? "the target exited (it may have redeemed the grant directly)"
+                        : "the target exited before redeeming",
+                 events);
           break;
         }
         case Tag::timer: {
@@ -586,6 +606,14 @@ void GrantServer::Impl::reap(Events& events) {
     if (it->second.info.expires_ns <= now) {
       Grant grant = std::move(it->second);
       it = grants_.erase(it);
+      if ((grant.info.flags & SocketInfo::kFlagDirect) != 0) {
+        // A direct redemption sends nothing here: expiry is the only end the source sees.
+        ++stats_.lapsed;
+        finish(std::move(grant), GrantOutcome::lapsed,
+               "direct grant expired: redeemed directly or not at all (the source cannot tell)",
+               events);
+        continue;
+      }
       ++stats_.expired;
       finish(std::move(grant), GrantOutcome::expired, "not redeemed before it expired", events);
     } else {

@@ -39,13 +39,17 @@ bool drop_ptrace_capability() {
 }  // namespace
 
 // args: how the info arrives ("pipe": the first line on fd 3; "file": that line is a path),
-// then "slow", "fast" or "fast-nocap". Reports "ok <inode> <cookie>" or "err <kind> <what>",
-// then obeys command lines on fd 3 until it closes.
+// then "slow", "fast", "direct" or "direct-only" (direct without fallback to the channel),
+// each optionally with "-nocap" (without CAP_SYS_PTRACE). Reports "ok <inode> <cookie>" or
+// "err <kind> <what>", then obeys command lines on fd 3 until it closes.
 SOCKSHARE_HELPER(redeemer) {
   Fd control = ctx.take_fd(0);
   const std::string how = ctx.args().at(0);
   const std::string speed = ctx.args().at(1);
-  if (speed == "fast-nocap" && !drop_ptrace_capability()) return 3;
+  const bool direct = speed.rfind("direct", 0) == 0;
+  const bool direct_only = speed.rfind("direct-only", 0) == 0;
+  const bool nocap = speed.size() > 6 && speed.substr(speed.size() - 6) == "-nocap";
+  if (nocap && !drop_ptrace_capability()) return 3;
   ctx.ready("waiting");
   std::string line = read_line(control.borrow());
   if (how == "file") {
@@ -54,7 +58,9 @@ SOCKSHARE_HELPER(redeemer) {
   }
   Fd socket;
   try {
-    socket = redeem(SocketInfo::parse(line), {.fast_path = speed != "slow"});
+    socket = redeem(SocketInfo::parse(line), {.fast_path = speed.rfind("fast", 0) == 0,
+                                              .direct = direct,
+                                              .direct_fallback = !direct_only});
   } catch (const Error& e) {
     ctx.ready("err " + std::string(to_string(e.kind())) + " " + e.what());
     // Stay alive until told to go, so the test controls when this pid disappears.
@@ -127,25 +133,35 @@ SOCKSHARE_HELPER(spawned_redeemer) {
   return 0;
 }
 
-// args: target pid, "dumpable" | "nondumpable" | "exit". Grants one end of a unix stream
-// pair to the target, reports "info <text>", then (unless "exit") waits for the outcome and
-// reports "done <outcome> fast=<n>" after writing "hello" into its end of the pair.
+// args: target pid, "dumpable" | "nondumpable" | "exit" | "hold", and optionally "direct"
+// (a direct grant). Grants one end of a unix stream pair to the target and reports
+// "info <text>". "exit" then exits; "hold" reports a second "info <text>" for the same
+// target and exits when fd 3 reaches end of file; the others wait for the outcome and
+// report "done <outcome> fast=<n>" after writing "hello" into their end of the pair.
 SOCKSHARE_HELPER(grant_source) {
   const pid_t target = static_cast<pid_t>(std::stol(ctx.args().at(0)));
   const std::string mode = ctx.args().at(1);
+  const bool direct = ctx.args().size() > 2 && ctx.args().at(2) == "direct";
   if (mode == "nondumpable" && ::prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0) return 3;
   // Under Yama ptrace_scope 1 only a declared tracer may use pidfd_getfd on us.
-  if (mode == "dumpable") (void)::prctl(PR_SET_PTRACER, PR_SET_PTRACER_ANY, 0, 0, 0);
+  if (mode != "nondumpable") (void)::prctl(PR_SET_PTRACER, PR_SET_PTRACER_ANY, 0, 0, 0);
   EventLog log;
   GrantServer server({.on_event = log.callback()});
   int sv[2];
   if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) != 0) return 4;
   Fd mine(sv[0]);
   Fd theirs(sv[1]);
-  const SocketInfo info = server.duplicate(theirs.borrow(), Target::pid(target));
-  theirs.reset();
+  const GrantOptions options{.ttl = std::chrono::seconds(30), .direct = direct};
+  const SocketInfo info = server.duplicate(theirs.borrow(), Target::pid(target), options);
   ctx.ready("info " + info.format());
   if (mode == "exit") return 0;
+  if (mode == "hold") {
+    Fd control = ctx.take_fd(0);
+    ctx.ready("info " + server.duplicate(theirs.borrow(), Target::pid(target), options).format());
+    (void)read_line(control.borrow());
+    return 0;
+  }
+  theirs.reset();
   if (!log.wait_for(1)) return 5;
   auto events = log.take();
   write_all(mine.borrow(), "hello");

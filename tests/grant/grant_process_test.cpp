@@ -26,52 +26,11 @@ namespace gp = grant_protocol;
 
 class Grant : public FdLeakTest {};
 
-// A redeemer helper with its control pipe: lines written to `control` reach the helper.
-struct Redeemer {
-  Child child;
-  Fd control;
-
-  static Redeemer start(const std::string& how = "pipe", const std::string& speed = "slow") {
-    auto [r, w] = test::make_pipe();
-    Redeemer out;
-    out.child =
-        Child::helper("redeemer", {.args = {how, speed}, .inherit = {r.borrow()}, .env = {}});
-    out.control = std::move(w);
-    EXPECT_EQ(out.child.wait_ready(), "waiting");
-    return out;
-  }
-  void send(const std::string& line) { write_all(control.borrow(), line + "\n"); }
-  std::string ask(const std::string& command) {
-    send(command);
-    return child.wait_ready();
-  }
-  // Ends the helper and expects a clean exit.
-  void finish() {
-    control.reset();
-    EXPECT_EQ(child.wait_exit(), 0);
-  }
-};
-
-std::string ok_line(BorrowedFd socket) {
-  const SocketIdentity id = identify(socket);
-  return "ok " + std::to_string(id.inode) + " " + std::to_string(id.cookie);
-}
-
 std::vector<std::byte> redeem_request(const SocketInfo& info, std::uint32_t flags = 0) {
   std::vector<std::byte> out(20);
   std::memcpy(out.data(), info.token.data(), 16);
   for (int i = 0; i < 4; ++i) out[16 + i] = std::byte{static_cast<std::uint8_t>(flags >> (8 * i))};
   return out;
-}
-
-void expect_error(const std::function<void()>& call, ErrorKind kind, const std::string& text) {
-  try {
-    call();
-    ADD_FAILURE() << "no error; expected " << to_string(kind) << " containing \"" << text << "\"";
-  } catch (const Error& e) {
-    EXPECT_EQ(e.kind(), kind) << e.what();
-    EXPECT_NE(std::string(e.what()).find(text), std::string::npos) << e.what();
-  }
 }
 
 // Serves a manual-mode server until `done` holds or 5 s pass.
@@ -613,17 +572,6 @@ TEST_F(Grant, R19_SilentRedeemerIsDroppedAtItsDeadlineAndBlocksNobody) {
 }
 
 // ---- R20: the pidfd_getfd fast path ---------------------------------------------------------
-
-// Whether this environment lets a process use pidfd_getfd on a sibling at all: not under
-// Yama ptrace_scope >= 2, nor where seccomp filters the call (it fails even on ourselves).
-bool pidfd_getfd_possible() {
-  std::ifstream yama("/proc/sys/kernel/yama/ptrace_scope");
-  int scope = 0;
-  if (yama >> scope && scope >= 2) return false;
-  Fd self(static_cast<int>(::syscall(SYS_pidfd_open, ::getpid(), 0)));
-  Fd copy(static_cast<int>(::syscall(SYS_pidfd_getfd, self.get(), 1, 0)));
-  return copy.valid();
-}
 
 TEST_F(Grant, R20_FastPathTakesTheDescriptorWithPidfdGetfd) {
   if (!pidfd_getfd_possible()) GTEST_SKIP() << "pidfd_getfd is not permitted in this environment";

@@ -1,16 +1,18 @@
-// Shared pieces of the grant tests: loopback connections, line I/O over pipes, and a log of
-// GrantServer events that a test can wait on.
+// Shared pieces of the grant tests: loopback connections, line I/O over pipes, a log of
+// GrantServer events that a test can wait on, and the redeemer helper's driver.
 #pragma once
 
 #include <fcntl.h>
 #include <netinet/in.h>
 #include <poll.h>
 #include <sys/socket.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 #include <chrono>
 #include <condition_variable>
 #include <cstring>
+#include <fstream>
 #include <functional>
 #include <mutex>
 #include <optional>
@@ -18,6 +20,7 @@
 #include <string>
 #include <vector>
 
+#include "sockshare/error.hpp"
 #include "sockshare/grant.hpp"
 #include "sockshare/socket.hpp"
 #include "support/harness.hpp"
@@ -113,5 +116,58 @@ class EventLog {
   std::condition_variable changed_;
   std::vector<GrantEvent> events_;
 };
+
+// A redeemer helper with its control pipe: lines written to `control` reach the helper.
+struct Redeemer {
+  test::Child child;
+  Fd control;
+
+  static Redeemer start(const std::string& how = "pipe", const std::string& speed = "slow") {
+    auto [r, w] = test::make_pipe();
+    Redeemer out;
+    out.child =
+        test::Child::helper("redeemer", {.args = {how, speed}, .inherit = {r.borrow()}, .env = {}});
+    out.control = std::move(w);
+    EXPECT_EQ(out.child.wait_ready(), "waiting");
+    return out;
+  }
+  void send(const std::string& line) { write_all(control.borrow(), line + "\n"); }
+  std::string ask(const std::string& command) {
+    send(command);
+    return child.wait_ready();
+  }
+  // Ends the helper and expects a clean exit.
+  void finish() {
+    control.reset();
+    EXPECT_EQ(child.wait_exit(), 0);
+  }
+};
+
+inline std::string ok_line(BorrowedFd socket) {
+  const SocketIdentity id = identify(socket);
+  return "ok " + std::to_string(id.inode) + " " + std::to_string(id.cookie);
+}
+
+inline void expect_error(const std::function<void()>& call, ErrorKind kind,
+                         const std::string& text) {
+  try {
+    call();
+    ADD_FAILURE() << "no error; expected " << to_string(kind) << " containing \"" << text << "\"";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.kind(), kind) << e.what();
+    EXPECT_NE(std::string(e.what()).find(text), std::string::npos) << e.what();
+  }
+}
+
+// Whether this environment lets a process use pidfd_getfd on a sibling at all: not under
+// Yama ptrace_scope >= 2, nor where seccomp filters the call (it fails even on ourselves).
+inline bool pidfd_getfd_possible() {
+  std::ifstream yama("/proc/sys/kernel/yama/ptrace_scope");
+  int scope = 0;
+  if (yama >> scope && scope >= 2) return false;
+  Fd self(static_cast<int>(::syscall(SYS_pidfd_open, ::getpid(), 0)));
+  Fd copy(static_cast<int>(::syscall(SYS_pidfd_getfd, self.get(), 1, 0)));
+  return copy.valid();
+}
 
 }  // namespace sockshare::grant_test

@@ -31,6 +31,15 @@ SocketInfo sample() {
   return info;
 }
 
+// A share grant offering direct redemption of the source's descriptor 42.
+SocketInfo direct_sample() {
+  SocketInfo info = sample();
+  info.mode = ShareMode::share;
+  info.flags = SocketInfo::kFlagFastPath | SocketInfo::kFlagDirect;
+  info.source_fd = 42;
+  return info;
+}
+
 // Expects `text` to be refused with invalid_input and a message containing `why`.
 void expect_refused(const std::string& text, const std::string& why) {
   try {
@@ -62,11 +71,27 @@ TEST(SocketInfoText, S2_FormatParseRoundTripIsExact) {
 
 TEST(SocketInfoText, S2_BinaryLayoutIsLittleEndianAndStable) {
   const auto bytes = sample().to_bytes();
-  ASSERT_EQ(bytes.size(), 196u);
-  EXPECT_EQ(std::memcmp(bytes.data(), "SKGI", 4), 0);  // magic
-  EXPECT_EQ(std::to_integer<int>(bytes[4]), 1);        // version, low byte first
-  EXPECT_EQ(std::to_integer<int>(bytes[6]), 1);        // mode: move
-  EXPECT_EQ(std::to_integer<int>(bytes[20]), 0x08);    // cookie, low byte first
+  ASSERT_EQ(bytes.size(), 200u);
+  EXPECT_EQ(std::memcmp(bytes.data(), "SKGI", 4), 0);       // magic
+  EXPECT_EQ(std::to_integer<int>(bytes[4]), 1);             // version, low byte first
+  EXPECT_EQ(std::to_integer<int>(bytes[6]), 1);             // mode: move
+  EXPECT_EQ(std::to_integer<int>(bytes[20]), 0x08);         // cookie, low byte first
+  EXPECT_EQ(std::to_integer<int>(bytes[28]), 0xFF);         // no descriptor number: -1
+  EXPECT_EQ(std::to_integer<int>(bytes[32]), 4711 & 0xFF);  // source pid
+  const auto direct = direct_sample().to_bytes();
+  EXPECT_EQ(std::to_integer<int>(direct[7]), 0x03);   // flags: fast path | direct
+  EXPECT_EQ(std::to_integer<int>(direct[28]), 0x2A);  // descriptor number 42
+  EXPECT_EQ(std::to_integer<int>(direct[29]), 0);
+}
+
+TEST(SocketInfoText, S2_DirectInfoRoundTripsWithItsDescriptorNumber) {
+  const SocketInfo info = direct_sample();
+  const std::string text = info.format();
+  EXPECT_EQ(text.size(), SocketInfo::kTextSize);
+  const SocketInfo back = SocketInfo::parse(text);
+  EXPECT_EQ(back, info);
+  EXPECT_EQ(back.source_fd, 42);
+  EXPECT_NE(back.describe().find("share, direct"), std::string::npos) << back.describe();
 }
 
 TEST(SocketInfoText, GarbageTruncatedWrongVersionAndDamagedTextRefused) {
@@ -74,10 +99,10 @@ TEST(SocketInfoText, GarbageTruncatedWrongVersionAndDamagedTextRefused) {
   expect_refused("", "prefix");
   expect_refused("hello world", "prefix");
   expect_refused("sockshare", "version");
-  expect_refused("sockshare1:", "expected 262");
+  expect_refused("sockshare1:", "expected 267");
   expect_refused(good.substr(0, good.size() - 1), "truncated");
   expect_refused(good.substr(0, 100), "truncated");
-  expect_refused(good + "A", "expected 262");
+  expect_refused(good + "A", "expected 267");
   expect_refused("sockshare2:" + good.substr(11), "version 2 is not supported");
   expect_refused("sockshare01:" + good.substr(11), "version 01 is not supported");
   std::string bad_char = good;
@@ -124,10 +149,23 @@ TEST(SocketInfoText, FieldsOutsideTheContractRefused) {
   info = sample();
   info.target_pid = 0;
   refuse_bytes(info, "pid");
+  // Direct redemption: share only, with a number and a cookie; a number only with the flag.
+  info = direct_sample();
+  info.mode = ShareMode::move;
+  refuse_bytes(info, "direct redemption offered for a move grant");
+  info = direct_sample();
+  info.source_fd = -1;
+  refuse_bytes(info, "without a descriptor number");
+  info = direct_sample();
+  info.cookie = 0;
+  refuse_bytes(info, "without a socket cookie");
+  info = sample();
+  info.source_fd = 3;
+  refuse_bytes(info, "descriptor number set without the direct flag");
   const auto bytes = sample().to_bytes();
   try {
-    (void)SocketInfo::from_bytes(std::span(bytes).first(195));
-    ADD_FAILURE() << "accepted 195 bytes";
+    (void)SocketInfo::from_bytes(std::span(bytes).first(199));
+    ADD_FAILURE() << "accepted 199 bytes";
   } catch (const Error& e) {
     EXPECT_EQ(e.kind(), ErrorKind::invalid_input);
   }
