@@ -1,0 +1,211 @@
+#!/usr/bin/env bash
+# `sockshare serve` against two baselines written for this benchmark, in the same run, with
+# wrk opening a NEW CONNECTION PER REQUEST (Connection: close), 2 built-in workers, loopback.
+#
+#   bench/serve_bench.sh [BUILD_DIR]        (default: build-bench, a Release build)
+#   env: DURATION=5s CONNECTIONS=16 THREADS=1 ROUNDS=3 UNEVEN_CONNECTIONS="2 4 8"
+#
+# Scenario 1, uniform tiny requests: connections/s, p50, p99 of
+#   reuseport  bench/baseline_reuseport       2 processes, one SO_REUSEPORT listener each
+#   inherit    sockshare serve --mode inherit  one shared listener, workers accept (EPOLLEXCLUSIVE)
+#   naive      bench/baseline_naive_dispatch   accept + sendmsg to the next worker, nothing else
+#   dispatch   sockshare serve --mode dispatch acks, policy, counters, no connection lost
+# ROUNDS interleaved rounds, the median round per configuration is reported, with the median
+# over rounds of the within-round ratios against the targets (inherit >= 0.97x reuseport; dispatch >= 0.90x reuseport and >= 0.97x
+# naive) and the dispatcher's CPU time per connection (utime+stime from /proc/PID/stat).
+# Scenario 2, uneven work: 5% of requests burn 20 ms of CPU in the worker (a wrk Lua script
+# picks /burn?ms=20); p99 of dispatch mode with --policy least against SO_REUSEPORT's blind
+# spread (target: at most half), once per wrk connection count in UNEVEN_CONNECTIONS: wrk is
+# closed-loop, so with many connections both workers are saturated by burns whatever the
+# policy, and with few the policy decides whether a request waits behind a burn.
+# Every process started here is stopped on exit (trap), whatever happens.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+build=${1:-build-bench}
+duration=${DURATION:-5s}
+connections=${CONNECTIONS:-16}
+threads=${THREADS:-1}
+rounds=${ROUNDS:-3}
+uneven_connections=${UNEVEN_CONNECTIONS:-"2 4 8"}
+
+command -v wrk >/dev/null || { echo "wrk is missing: scripts/deps.sh installs it" >&2; exit 1; }
+tmp=$(mktemp -d)
+if ! { cmake -S . -B "$build" -DCMAKE_BUILD_TYPE=Release -DSOCKSHARE_BUILD_TESTS=OFF &&
+       cmake --build "$build" -j"$(nproc)" --target sockshare_cli baseline_reuseport baseline_naive_dispatch
+     } >"$tmp/build.log" 2>&1; then
+  cat "$tmp/build.log" >&2
+  rm -rf "$tmp"
+  exit 1
+fi
+cli="$build/cli/sockshare"
+
+pids=()
+cleanup() {
+  for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+  for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+  rm -rf "$tmp"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# start NAME KIND COMMAND...: runs a server in the background, waits (bounded) for the line
+# that names its port, sets PORT and PID. KIND is "serve" (readiness on --ready-fd 3) or
+# "baseline" (a "listening HOST:PORT" line on stdout).
+start() {
+  local name=$1 kind=$2
+  shift 2
+  local fifo="$tmp/$name.fifo" line fd
+  rm -f "$fifo"
+  mkfifo "$fifo"
+  exec {fd}<>"$fifo"
+  if [ "$kind" = serve ]; then
+    "$@" --ready-fd 3 3>"$fifo" 2>>"$tmp/$name.log" &
+  else
+    "$@" >"$fifo" 2>>"$tmp/$name.log" &
+  fi
+  PID=$!
+  pids+=("$PID")
+  PORT=""
+  while read -r -t 20 -u "$fd" line; do
+    case "$line" in
+      "listening "*) [ -n "$PORT" ] || PORT=${line##*:} ;;
+    esac
+    if [ "$kind" = baseline ] && [ -n "$PORT" ]; then break; fi
+    if [ "$line" = ready ]; then break; fi
+  done
+  exec {fd}<&-
+  [ -n "$PORT" ] || { echo "$name did not start; its log:" >&2; cat "$tmp/$name.log" >&2; exit 1; }
+}
+
+stop() {
+  kill -TERM "$PID" 2>/dev/null || true
+  wait "$PID" 2>/dev/null || true
+}
+
+cpu_ticks() {  # utime + stime of a process, in clock ticks
+  sed 's/^.*) //' "/proc/$1/stat" | awk '{print $12 + $13}'
+}
+
+to_us() {  # wrk latency ("812.00us", "1.20ms", "2.00s") -> microseconds
+  awk -v v="$1" 'BEGIN {
+    n = v + 0
+    if (v ~ /us$/) print n; else if (v ~ /ms$/) print n * 1000;
+    else if (v ~ /s$/) print n * 1000000; else print n }'
+}
+
+# run_wrk NAME PORT [wrk args...]: prints "conn_per_s p50_us p90_us p99_us requests"
+run_wrk() {
+  local name=$1 port=$2
+  shift 2
+  wrk -t"$threads" -d"$duration" --latency -H 'Connection: close' "$@" \
+      "http://127.0.0.1:$port/" >"$tmp/$name.wrk" 2>&1
+  local rps p50 p90 p99 reqs errors
+  rps=$(awk '/^Requests\/sec:/ {print $2}' "$tmp/$name.wrk")
+  p50=$(to_us "$(awk '$1 == "50%" {print $2}' "$tmp/$name.wrk")")
+  p90=$(to_us "$(awk '$1 == "90%" {print $2}' "$tmp/$name.wrk")")
+  p99=$(to_us "$(awk '$1 == "99%" {print $2}' "$tmp/$name.wrk")")
+  reqs=$(awk '/requests in/ {print $1}' "$tmp/$name.wrk")
+  errors=$(awk '/Socket errors|Non-2xx/ {printf "%s; ", $0}' "$tmp/$name.wrk")
+  [ -z "$errors" ] || echo "  note ($name): $errors" >&2
+  echo "$rps $p50 $p90 $p99 $reqs"
+}
+
+echo "machine: $(nproc) CPUs, $(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo), kernel $(uname -r)"
+echo "load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
+echo "wrk -t$threads -c$connections -d$duration --latency -H 'Connection: close', $rounds rounds"
+echo
+
+declare -A results
+for round in $(seq 1 "$rounds"); do
+  start reuseport baseline "$build/bench/baseline_reuseport" --listen 127.0.0.1:0 --workers 2
+  results[reuseport,$round]=$(run_wrk reuseport "$PORT" -c"$connections")
+  stop
+
+  start inherit serve "$cli" serve --listen 127.0.0.1:0 --workers 2 --mode inherit
+  results[inherit,$round]=$(run_wrk inherit "$PORT" -c"$connections")
+  stop
+
+  start naive baseline "$build/bench/baseline_naive_dispatch" --listen 127.0.0.1:0 --workers 2
+  before=$(cpu_ticks "$PID")
+  results[naive,$round]="$(run_wrk naive "$PORT" -c"$connections") $(( $(cpu_ticks "$PID") - before ))"
+  stop
+
+  start dispatch serve "$cli" serve --listen 127.0.0.1:0 --workers 2 --mode dispatch
+  before=$(cpu_ticks "$PID")
+  results[dispatch,$round]="$(run_wrk dispatch "$PORT" -c"$connections") $(( $(cpu_ticks "$PID") - before ))"
+  stop
+done
+
+# median round of a configuration by connections/s
+median() {
+  local config=$1 round
+  for round in $(seq 1 "$rounds"); do echo "${results[$config,$round]}"; done | sort -g -k1 |
+    awk -v n="$rounds" 'NR == int((n + 1) / 2)'
+}
+
+ticks=$(getconf CLK_TCK)
+echo "Scenario 1: uniform tiny requests, new connection per request"
+printf '%-10s %12s %10s %10s %10s  %s\n' config "conn/s" "p50 us" "p90 us" "p99 us" "all rounds (conn/s)"
+declare -A rate
+for config in reuseport inherit naive dispatch; do
+  read -r rps p50 p90 p99 reqs cpu <<<"$(median "$config")"
+  rate[$config]=$rps
+  all=$(for round in $(seq 1 "$rounds"); do echo "${results[$config,$round]}" | awk '{printf "%s ", $1}'; done)
+  printf '%-10s %12s %10s %10s %10s  %s\n' "$config" "$rps" "$p50" "$p90" "$p99" "$all"
+  if [ -n "${cpu:-}" ]; then
+    awk -v c="$cpu" -v t="$ticks" -v r="$reqs" -v n="$config" \
+      'BEGIN { printf "           %s dispatcher CPU: %.2f us per connection (%d ticks for %d connections)\n", n, c / t * 1e6 / r, c, r }'
+  fi
+  cpu=""
+done
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3f", a / b }'; }
+verdict() { awk -v r="$1" -v t="$2" 'BEGIN { print (r >= t ? "met" : "NOT met") }'; }
+# Other work on the machine drifts between rounds, so each ratio is taken within a round (the
+# four configurations of a round run back to back) and the median over rounds is reported.
+round_ratios() {  # A B: the per-round ratios of A's conn/s to B's, sorted
+  local round
+  for round in $(seq 1 "$rounds"); do
+    ratio "$(echo "${results[$1,$round]}" | awk '{print $1}')" "$(echo "${results[$2,$round]}" | awk '{print $1}')"
+    echo
+  done | sort -g
+}
+median_ratio() { round_ratios "$1" "$2" | awk -v n="$rounds" 'NR == int((n + 1) / 2)'; }
+report_ratio() {  # A B TARGET LABEL
+  local m
+  m=$(median_ratio "$1" "$2")
+  printf '%-22s = %s   per round: %s  target >= %s  %s\n' "$4" "$m" \
+    "$(round_ratios "$1" "$2" | tr '\n' ' ')" "$3" "$(verdict "$m" "$3")"
+}
+echo
+report_ratio inherit reuseport 0.97 "inherit  / reuseport"
+report_ratio dispatch reuseport 0.90 "dispatch / reuseport"
+report_ratio dispatch naive 0.97 "dispatch / naive"
+report_ratio naive reuseport 0 "naive    / reuseport"
+echo
+
+cat >"$tmp/uneven.lua" <<'EOF'
+-- 5% of requests burn 20 ms of CPU in the worker; the rest are tiny.
+request = function()
+  if math.random(100) <= 5 then
+    return wrk.format("GET", "/burn?ms=20")
+  end
+  return wrk.format("GET", "/")
+end
+EOF
+echo "Scenario 2: uneven work, 5% of requests burn 20 ms"
+printf '%-5s %-16s %12s %10s %10s %10s\n' "-c" config "conn/s" "p50 us" "p90 us" "p99 us"
+for c in $uneven_connections; do
+  start uneven-reuseport baseline "$build/bench/baseline_reuseport" --listen 127.0.0.1:0 --workers 2
+  read -r rps p50 p90 p99 _ <<<"$(run_wrk uneven-reuseport "$PORT" -c"$c" -s "$tmp/uneven.lua")"
+  stop
+  printf '%-5s %-16s %12s %10s %10s %10s\n' "$c" reuseport "$rps" "$p50" "$p90" "$p99"
+  reuseport_p99=$p99
+  start uneven-least serve "$cli" serve --listen 127.0.0.1:0 --workers 2 --mode dispatch --policy least
+  read -r rps p50 p90 p99 _ <<<"$(run_wrk uneven-least "$PORT" -c"$c" -s "$tmp/uneven.lua")"
+  stop
+  printf '%-5s %-16s %12s %10s %10s %10s\n' "$c" "dispatch+least" "$rps" "$p50" "$p90" "$p99"
+  r5=$(ratio "$p99" "$reuseport_p99")
+  echo "      p99 dispatch+least / reuseport = $r5   target <= 0.50  $(awk -v r="$r5" 'BEGIN { print (r <= 0.5 ? "met" : "NOT met") }')"
+done
+echo
+echo "load average after: $(cut -d' ' -f1-3 /proc/loadavg)"

@@ -1,0 +1,36 @@
+// `sockshare serve`: listeners, a supervisor running N workers, a dispatcher (dispatch mode)
+// or inherited listeners (inherit mode), a control socket, and signal handling.
+#pragma once
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace sockshare::cli {
+
+// A command line that parses but does not make sense; main() turns it into exit status 2.
+class UsageError : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+struct ServeOptions {
+  std::vector<std::string> listen;  // [name=]endpoint
+  std::uint32_t workers = 2;
+  std::string policy = "rr";      // rr | least | hash
+  std::string mode = "dispatch";  // dispatch | inherit
+  bool reuseport = false;         // inherit mode: one SO_REUSEPORT listener per worker
+  std::string control;            // endpoint; empty: control::default_endpoint
+  double drain_timeout_s = 10;
+  std::uint32_t max_in_flight = 128;
+  std::uint32_t peek_bytes = 0;
+  int ready_fd = -1;                 // readiness lines for a parent (docs/SERVE.md)
+  std::vector<std::string> command;  // empty: the built-in worker
+};
+
+// Runs until a graceful stop. Returns the exit status (0 clean, 1 runtime failure); throws
+// UsageError for inconsistent options.
+int run_serve(const ServeOptions& options, const std::string& self_path);
+
+}  // namespace sockshare::cli

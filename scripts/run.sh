@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The README's "run" command: installs what is missing, builds the sockshare command
+# (Release, in build/), then runs it in the foreground: 2 built-in HTTP workers behind a
+# dispatcher on 127.0.0.1:8080. Try `curl http://127.0.0.1:8080/` from another terminal; stop
+# it with Ctrl-C (a graceful drain). Extra arguments go to `sockshare serve`, e.g.
+#   scripts/run.sh --policy least          scripts/run.sh --mode inherit
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+scripts/deps.sh
+cmake -S . -B build -DCMAKE_BUILD_TYPE=Release >/dev/null
+cmake --build build -j"$(nproc)" --target sockshare_cli
+exec build/cli/sockshare serve --listen 127.0.0.1:8080 --workers 2 "$@"

@@ -1,0 +1,730 @@
+// End-to-end tests of the sockshare command: the real binary, real HTTP over loopback.
+// Readiness comes from `serve --ready-fd` over the harness's pipe; ports are picked by the
+// kernel (port 0) and read back; every wait is bounded.
+#include <arpa/inet.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <signal.h>
+#include <spawn.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <chrono>
+#include <cstring>
+#include <map>
+#include <optional>
+#include <set>
+#include <string>
+#include <string_view>
+#include <thread>
+#include <vector>
+
+#include "linux/sys.hpp"
+#include "sockshare/fd.hpp"
+#include "support/harness.hpp"
+
+extern char** environ;
+
+namespace sockshare::test {
+namespace {
+
+using namespace std::chrono_literals;
+using Clock = std::chrono::steady_clock;
+
+const std::string kCli = SOCKSHARE_CLI_PATH;
+const std::string kSourceDir = SOCKSHARE_SOURCE_DIR;
+
+int remaining_ms(Clock::time_point deadline) {
+  auto left =
+      std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now()).count();
+  return left > 0 ? static_cast<int>(left) : 0;
+}
+
+// ---- a tiny HTTP client --------------------------------------------------------------------
+
+struct Response {
+  int status = 0;
+  std::map<std::string, std::string> headers;  // lower-case names
+  std::string body;
+};
+
+Fd connect_tcp(std::uint16_t port, const char* source = nullptr) {
+  Fd fd(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  if (!fd.valid()) return fd;
+  if (source != nullptr) {
+    sockaddr_in local{};
+    local.sin_family = AF_INET;
+    ::inet_pton(AF_INET, source, &local.sin_addr);
+    if (::bind(fd.get(), reinterpret_cast<sockaddr*>(&local), sizeof local) != 0) return Fd();
+  }
+  sockaddr_in sin{};
+  sin.sin_family = AF_INET;
+  sin.sin_port = htons(port);
+  ::inet_pton(AF_INET, "127.0.0.1", &sin.sin_addr);
+  if (sys::retry_eintr([&] {
+        return ::connect(fd.get(), reinterpret_cast<sockaddr*>(&sin), sizeof sin);
+      }) != 0) {
+    return Fd();
+  }
+  return fd;
+}
+
+bool send_all(const Fd& fd, std::string_view data) {
+  while (!data.empty()) {
+    ssize_t n =
+        sys::retry_eintr([&] { return ::send(fd.get(), data.data(), data.size(), MSG_NOSIGNAL); });
+    if (n <= 0) return false;
+    data.remove_prefix(static_cast<std::size_t>(n));
+  }
+  return true;
+}
+
+// Everything until the peer closes (socket or pipe), or what arrived by the deadline.
+std::string read_to_eof(const Fd& fd, std::chrono::milliseconds timeout = 10s) {
+  const auto deadline = Clock::now() + timeout;
+  std::string data;
+  char buf[4096];
+  for (;;) {
+    pollfd p{fd.get(), POLLIN, 0};
+    int r = sys::retry_eintr([&] { return ::poll(&p, 1, remaining_ms(deadline)); });
+    if (r <= 0) break;
+    ssize_t n = sys::retry_eintr([&] { return ::read(fd.get(), buf, sizeof buf); });
+    if (n <= 0) break;
+    data.append(buf, static_cast<std::size_t>(n));
+  }
+  return data;
+}
+
+// Parses consecutive responses (Content-Length framed). HEAD responses have no body: pass
+// their positions in `head`.
+std::vector<Response> parse_responses(std::string_view data, std::set<std::size_t> head = {}) {
+  std::vector<Response> out;
+  while (!data.empty()) {
+    auto end = data.find("\r\n\r\n");
+    if (end == std::string_view::npos) break;
+    Response r;
+    std::string_view header_block = data.substr(0, end);
+    data.remove_prefix(end + 4);
+    auto line_end = header_block.find("\r\n");
+    std::string_view status_line = header_block.substr(0, line_end);
+    if (status_line.size() < 12 || !status_line.starts_with("HTTP/1.1 ")) break;
+    r.status = std::stoi(std::string(status_line.substr(9, 3)));
+    std::string_view rest =
+        line_end == std::string_view::npos ? "" : header_block.substr(line_end + 2);
+    while (!rest.empty()) {
+      auto e = rest.find("\r\n");
+      std::string_view line = rest.substr(0, e);
+      rest = e == std::string_view::npos ? "" : rest.substr(e + 2);
+      auto colon = line.find(':');
+      if (colon == std::string_view::npos) continue;
+      std::string name(line.substr(0, colon));
+      for (auto& c : name) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+      std::string_view value = line.substr(colon + 1);
+      while (!value.empty() && value.front() == ' ') value.remove_prefix(1);
+      r.headers[name] = std::string(value);
+    }
+    std::size_t length =
+        r.headers.count("content-length") ? std::stoul(r.headers["content-length"]) : 0;
+    if (head.count(out.size()) == 0) {
+      if (data.size() < length) break;
+      r.body = std::string(data.substr(0, length));
+      data.remove_prefix(length);
+    }
+    out.push_back(std::move(r));
+  }
+  return out;
+}
+
+std::optional<Response> http_get(std::uint16_t port, const std::string& path = "/",
+                                 const char* source = nullptr) {
+  Fd fd = connect_tcp(port, source);
+  if (!fd.valid()) return std::nullopt;
+  if (!send_all(fd, "GET " + path + " HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")) {
+    return std::nullopt;
+  }
+  auto responses = parse_responses(read_to_eof(fd));
+  if (responses.size() != 1) return std::nullopt;
+  return responses.front();
+}
+
+struct Served {
+  int index = -1;
+  int pid = 0;
+};
+
+// "worker 1 pid 4711\n"
+std::optional<Served> who(const std::optional<Response>& r) {
+  if (!r || r->status != 200) return std::nullopt;
+  Served s;
+  if (std::sscanf(r->body.c_str(), "worker %d pid %d", &s.index, &s.pid) != 2) return std::nullopt;
+  return s;
+}
+
+// ---- running the command -------------------------------------------------------------------
+
+struct Captured {
+  int status = -1;
+  std::string out;  // stdout and stderr together
+};
+
+// Runs the command to completion with its output captured; bounded by `timeout`.
+Captured run_capture(std::vector<std::string> argv, std::chrono::milliseconds timeout = 20s) {
+  Captured result;
+  auto [read_end, write_end] = make_pipe(true);
+  posix_spawn_file_actions_t actions;
+  posix_spawn_file_actions_init(&actions);
+  posix_spawn_file_actions_adddup2(&actions, write_end.get(), 1);
+  posix_spawn_file_actions_adddup2(&actions, write_end.get(), 2);
+  std::vector<char*> args;
+  for (auto& a : argv) args.push_back(a.data());
+  args.push_back(nullptr);
+  pid_t pid = -1;
+  const int rc = ::posix_spawn(&pid, args[0], &actions, nullptr, args.data(), environ);
+  posix_spawn_file_actions_destroy(&actions);
+  write_end.reset();
+  if (rc != 0) return result;
+  const auto deadline = Clock::now() + timeout;
+  result.out = read_to_eof(read_end, timeout);
+  if (Clock::now() >= deadline) {
+    ADD_FAILURE() << argv[0] << " still running after " << timeout.count() << " ms";
+    ::kill(pid, SIGKILL);
+  }
+  int status = 0;
+  if (sys::retry_eintr([&] { return ::waitpid(pid, &status, 0); }) == pid) {
+    result.status = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+  }
+  return result;
+}
+
+// A running `sockshare serve`.
+struct Server {
+  Child child;
+  std::map<std::string, std::string> listening;  // name -> endpoint
+  std::string control;
+  std::uint16_t port = 0;  // of the first listener
+
+  Server() = default;
+  Server(Server&&) = default;
+  Server& operator=(Server&&) = default;
+  // A graceful stop, so no test leaves a control socket file behind (SIGKILL would).
+  ~Server() {
+    if (child.running()) {
+      child.kill(SIGTERM);
+      child.wait_exit(20s);
+    }
+  }
+
+  // `wrapper`: a program and its arguments to run serve with (e.g. prlimit).
+  static Server start(std::vector<std::string> args, std::vector<std::string> wrapper = {}) {
+    Server s;
+    std::vector<std::string> argv = wrapper;
+    argv.insert(argv.end(), {kCli, "serve", "--ready-fd", "3"});
+    argv.insert(argv.end(), args.begin(), args.end());
+    s.child = Child::program(argv);
+    for (int i = 0; i < 16; ++i) {
+      std::string line = s.child.wait_ready(20s);
+      if (line.empty() || line == "ready") break;
+      if (line.starts_with("listening ")) {
+        auto space = line.find(' ', 10);
+        std::string name = line.substr(10, space - 10);
+        std::string endpoint = line.substr(space + 1);
+        if (s.listening.empty()) {
+          s.port = static_cast<std::uint16_t>(std::stoi(endpoint.substr(endpoint.rfind(':') + 1)));
+        }
+        s.listening[name] = endpoint;
+      } else if (line.starts_with("control ")) {
+        s.control = line.substr(8);
+      }
+    }
+    return s;
+  }
+};
+
+std::string python3() {
+  for (const char* candidate : {"/usr/bin/python3", "/usr/local/bin/python3"}) {
+    if (::access(candidate, X_OK) == 0) return candidate;
+  }
+  return "python3";  // serve resolves it in PATH
+}
+
+class Cli : public FdLeakTest {};
+
+// ---- conventions ---------------------------------------------------------------------------
+
+TEST_F(Cli, HelpAndVersionExitZero) {
+  Captured help = run_capture({kCli, "--help"});
+  EXPECT_EQ(help.status, 0);
+  EXPECT_NE(help.out.find("serve"), std::string::npos) << help.out;
+  EXPECT_NE(help.out.find("status"), std::string::npos) << help.out;
+  Captured serve_help = run_capture({kCli, "serve", "--help"});
+  EXPECT_EQ(serve_help.status, 0);
+  EXPECT_NE(serve_help.out.find("--listen"), std::string::npos) << serve_help.out;
+  EXPECT_NE(serve_help.out.find("--drain-timeout"), std::string::npos) << serve_help.out;
+  Captured version = run_capture({kCli, "--version"});
+  EXPECT_EQ(version.status, 0);
+  EXPECT_NE(version.out.find("sockshare "), std::string::npos) << version.out;
+}
+
+TEST_F(Cli, UsageErrorsExitTwo) {
+  const std::vector<std::vector<std::string>> cases = {
+      {kCli},
+      {kCli, "frobnicate"},
+      {kCli, "serve"},
+      {kCli, "serve", "--listen", "127.0.0.1"},
+      {kCli, "serve", "--listen", "127.0.0.1:0", "--workers", "0"},
+      {kCli, "serve", "--listen", "127.0.0.1:0", "--policy", "random"},
+      {kCli, "serve", "--listen", "127.0.0.1:0", "--mode", "fork"},
+      {kCli, "serve", "--listen", "127.0.0.1:0", "--reuseport"},
+      {kCli, "serve", "--listen", "127.0.0.1:0", "--mode", "inherit", "--policy", "least"},
+      {kCli, "serve", "--listen", "127.0.0.1:0", "--control", "127.0.0.1:9"},
+      {kCli, "serve", "--listen", "a=127.0.0.1:0", "--listen", "a=127.0.0.1:0"},
+      {kCli, "status"},
+      {kCli, "status", "--control", "nonsense"},
+  };
+  for (const auto& argv : cases) {
+    Captured r = run_capture(argv);
+    std::string joined;
+    for (const auto& a : argv) joined += a + " ";
+    EXPECT_EQ(r.status, 2) << joined << "\n" << r.out;
+  }
+}
+
+TEST_F(Cli, StatusWithoutServerFailsWithOne) {
+  Captured r = run_capture(
+      {kCli, "status", "--control", "unix:@sockshare-test-nobody-" + std::to_string(::getpid())});
+  EXPECT_EQ(r.status, 1) << r.out;
+}
+
+TEST_F(Cli, RuntimeFailuresExitOne) {
+  // A port someone else holds, and a worker command that does not exist.
+  Fd taken(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  sockaddr_in sin{};
+  sin.sin_family = AF_INET;
+  ::inet_pton(AF_INET, "127.0.0.1", &sin.sin_addr);
+  ASSERT_EQ(::bind(taken.get(), reinterpret_cast<sockaddr*>(&sin), sizeof sin), 0);
+  ASSERT_EQ(::listen(taken.get(), 1), 0);
+  socklen_t len = sizeof sin;
+  ASSERT_EQ(::getsockname(taken.get(), reinterpret_cast<sockaddr*>(&sin), &len), 0);
+  const std::string busy = "127.0.0.1:" + std::to_string(ntohs(sin.sin_port));
+  Captured r = run_capture({kCli, "serve", "--listen", busy});
+  EXPECT_EQ(r.status, 1) << r.out;
+  EXPECT_NE(r.out.find("EADDRINUSE"), std::string::npos) << r.out;
+  Captured missing = run_capture(
+      {kCli, "serve", "--listen", "127.0.0.1:0", "--", "sockshare-test-no-such-worker"});
+  EXPECT_EQ(missing.status, 1) << missing.out;
+}
+
+TEST_F(Cli, StaleControlSocketOfAKilledServerIsReplaced) {
+  // A serve killed with SIGKILL leaves its control socket file; the next one must start.
+  const std::string path = "/tmp/sockshare-cli-test-" + std::to_string(::getpid()) + ".sock";
+  {
+    Server first =
+        Server::start({"--listen", "127.0.0.1:0", "--workers", "1", "--control", "unix:" + path});
+    ASSERT_EQ(first.control, "unix:" + path);
+    first.child.kill(SIGKILL);
+    EXPECT_EQ(first.child.wait_exit(20s), 128 + SIGKILL);
+  }
+  ASSERT_EQ(::access(path.c_str(), F_OK), 0) << "the killed server left no socket file";
+  Server second =
+      Server::start({"--listen", "127.0.0.1:0", "--workers", "1", "--control", "unix:" + path});
+  ASSERT_NE(second.port, 0);
+  Captured status = run_capture({kCli, "status", "--control", "unix:" + path});
+  EXPECT_EQ(status.status, 0) << status.out;
+  // While it runs, a third one must not take the socket over.
+  Captured third =
+      run_capture({kCli, "serve", "--listen", "127.0.0.1:0", "--control", "unix:" + path});
+  EXPECT_EQ(third.status, 1) << third.out;
+  second.child.kill(SIGTERM);
+  EXPECT_EQ(second.child.wait_exit(20s), 0);
+  EXPECT_NE(::access(path.c_str(), F_OK), 0) << "a clean shutdown removes the socket file";
+}
+
+TEST_F(Cli, WorkerReportsLISTEN_PIDMismatch) {
+  // A LISTEN_PID naming another process means the listeners were not meant for this one.
+  Captured r = run_capture({"/usr/bin/env", "LISTEN_FDS=1", "LISTEN_PID=1", kCli, "__worker"});
+  EXPECT_EQ(r.status, 1) << r.out;
+  EXPECT_NE(r.out.find("LISTEN_PID=1"), std::string::npos) << r.out;
+}
+
+// ---- dispatch mode, built-in worker --------------------------------------------------------
+
+TEST_F(Cli, S6_DispatchRoundRobinReachesBothWorkers) {
+  Server s = Server::start({"--listen", "127.0.0.1:0", "--workers", "2", "--policy", "rr"});
+  ASSERT_NE(s.port, 0);
+  std::map<int, int> per_index;
+  std::set<int> pids;
+  for (int i = 0; i < 20; ++i) {
+    auto served = who(http_get(s.port));
+    ASSERT_TRUE(served) << "request " << i;
+    ++per_index[served->index];
+    pids.insert(served->pid);
+  }
+  EXPECT_EQ(per_index.size(), 2U);
+  EXPECT_EQ(pids.size(), 2U);
+  // Round-robin over two workers that are both up: sequential requests alternate.
+  EXPECT_EQ(per_index[0], 10);
+  EXPECT_EQ(per_index[1], 10);
+  s.child.kill(SIGTERM);
+  EXPECT_EQ(s.child.wait_exit(20s), 0);
+}
+
+TEST_F(Cli, S6_DispatchHashIsStickyPerClientAddress) {
+  Server s = Server::start({"--listen", "127.0.0.1:0", "--workers", "2", "--policy", "hash"});
+  ASSERT_NE(s.port, 0);
+  std::set<int> used;
+  for (int host = 1; host <= 12; ++host) {
+    const std::string source = "127.0.0." + std::to_string(10 + host);
+    std::set<int> for_this_client;
+    for (int i = 0; i < 5; ++i) {
+      auto served = who(http_get(s.port, "/", source.c_str()));
+      ASSERT_TRUE(served) << source;
+      for_this_client.insert(served->index);
+    }
+    EXPECT_EQ(for_this_client.size(), 1U) << "client " << source << " moved between workers";
+    used.insert(for_this_client.begin(), for_this_client.end());
+  }
+  // 12 addresses all hashing to one of two workers would be a 1-in-2048 coincidence.
+  EXPECT_EQ(used.size(), 2U);
+}
+
+TEST_F(Cli, HttpKeepAlivePipeliningHeadAndErrors) {
+  Server s = Server::start({"--listen", "127.0.0.1:0", "--workers", "1"});
+  ASSERT_NE(s.port, 0);
+  {
+    // Three pipelined requests in one write, the middle one HEAD, the last one closing.
+    Fd fd = connect_tcp(s.port);
+    ASSERT_TRUE(fd.valid());
+    ASSERT_TRUE(send_all(fd,
+                         "GET /a HTTP/1.1\r\nHost: x\r\n\r\n"
+                         "HEAD /b HTTP/1.1\r\nHost: x\r\n\r\n"
+                         "GET /c HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"));
+    auto responses = parse_responses(read_to_eof(fd), {1});
+    ASSERT_EQ(responses.size(), 3U);
+    EXPECT_EQ(responses[0].status, 200);
+    EXPECT_TRUE(who(responses[0]));
+    EXPECT_EQ(responses[0].headers.count("connection"), 0U);
+    EXPECT_EQ(responses[1].status, 200);
+    EXPECT_EQ(responses[1].body, "");
+    EXPECT_EQ(responses[1].headers["content-length"], std::to_string(responses[0].body.size()));
+    EXPECT_EQ(responses[2].headers["connection"], "close");
+  }
+  {
+    // A request split across writes, with a body that must be skipped, then garbage.
+    Fd fd = connect_tcp(s.port);
+    ASSERT_TRUE(send_all(fd, "POST / HTTP/1.1\r\nHost: x\r\nContent-Le"));
+    ASSERT_TRUE(send_all(fd, "ngth: 5\r\n\r\nhello"));
+    ASSERT_TRUE(send_all(fd, "this is not http\r\n\r\n"));
+    auto responses = parse_responses(read_to_eof(fd));
+    ASSERT_EQ(responses.size(), 2U);
+    EXPECT_EQ(responses[0].status, 405);
+    EXPECT_EQ(responses[1].status, 400);
+    EXPECT_EQ(responses[1].headers["connection"], "close");
+  }
+  for (std::string bad :
+       {"GET / HTTP/1.1\r\n\r\n",  // no Host
+        "GET / HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n",
+        "GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n",
+        "GET /burn?ms=lots HTTP/1.1\r\nHost: x\r\n\r\n",
+        "GET / HTTP/1.1\r\nHost: x\r\n folded\r\n\r\n"}) {
+    Fd fd = connect_tcp(s.port);
+    ASSERT_TRUE(send_all(fd, bad));
+    auto responses = parse_responses(read_to_eof(fd));
+    ASSERT_EQ(responses.size(), 1U) << bad;
+    EXPECT_EQ(responses[0].status, 400) << bad;
+  }
+  {
+    Fd fd = connect_tcp(s.port);
+    ASSERT_TRUE(
+        send_all(fd, "GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + std::string(9000, 'a') + "\r\n\r\n"));
+    auto responses = parse_responses(read_to_eof(fd));
+    ASSERT_EQ(responses.size(), 1U);
+    EXPECT_EQ(responses[0].status, 431);
+  }
+  {
+    // HTTP/1.0 closes unless asked to keep alive.
+    Fd fd = connect_tcp(s.port);
+    ASSERT_TRUE(send_all(fd, "GET / HTTP/1.0\r\n\r\n"));
+    auto responses = parse_responses(read_to_eof(fd));
+    ASSERT_EQ(responses.size(), 1U);
+    EXPECT_EQ(responses[0].status, 200);
+    EXPECT_EQ(responses[0].headers["connection"], "close");
+  }
+}
+
+TEST_F(Cli, DispatchPeekedBytesReachTheWorker) {
+  // The dispatcher reads the first bytes before the handoff; the worker must treat them as
+  // the start of the request, not lose them.
+  Server s = Server::start({"--listen", "127.0.0.1:0", "--workers", "2", "--peek-bytes", "16"});
+  ASSERT_NE(s.port, 0);
+  for (int i = 0; i < 6; ++i) {
+    auto served = who(http_get(s.port, "/peeked-" + std::to_string(i)));
+    EXPECT_TRUE(served) << "request " << i;
+  }
+}
+
+TEST_F(Cli, S6_ExternalCommandInDispatchMode) {
+  // Any program that speaks the channel from SOCKSHARE_CHANNEL_FD: here the worker binary run
+  // as an explicit COMMAND.
+  Server s = Server::start({"--listen", "127.0.0.1:0", "--workers", "2", "--", kCli, "__worker"});
+  ASSERT_NE(s.port, 0);
+  std::set<int> indexes;
+  for (int i = 0; i < 6; ++i) {
+    auto served = who(http_get(s.port));
+    ASSERT_TRUE(served);
+    indexes.insert(served->index);
+  }
+  EXPECT_EQ(indexes.size(), 2U);
+}
+
+TEST_F(Cli, S6_ExternalPythonWorkerInDispatchMode) {
+  // The worker protocol of docs/DISPATCH.md from Python's standard library, with peeked first
+  // bytes that the worker must put back in front of the request.
+  Server s = Server::start({"--listen", "127.0.0.1:0", "--workers", "2", "--peek-bytes", "8", "--",
+                            python3(), kSourceDir + "/tests/cli/dispatch_worker.py"});
+  ASSERT_NE(s.port, 0);
+  std::set<int> indexes;
+  for (int i = 0; i < 6; ++i) {
+    auto r = http_get(s.port);
+    ASSERT_TRUE(r) << "request " << i;
+    EXPECT_EQ(r->status, 200);
+    int index = -1, pid = 0;
+    char listener[32] = {}, peer[64] = {};
+    ASSERT_EQ(
+        std::sscanf(r->body.c_str(), "python dispatch worker %d pid %d listener %31s peer %63s",
+                    &index, &pid, listener, peer),
+        4)
+        << r->body;
+    EXPECT_STREQ(listener, "http");
+    EXPECT_TRUE(std::string_view(peer).starts_with("127.0.0.1:")) << peer;
+    indexes.insert(index);
+  }
+  EXPECT_EQ(indexes.size(), 2U);
+  s.child.kill(SIGTERM);
+  EXPECT_EQ(s.child.wait_exit(20s), 0);
+}
+
+// ---- inherit mode --------------------------------------------------------------------------
+
+TEST_F(Cli, S6_InheritModeSharedListenerBuiltInWorker) {
+  Server s = Server::start({"--listen", "127.0.0.1:0", "--listen",
+                            "unix=unix:@sockshare-cli-test-" + std::to_string(::getpid()),
+                            "--workers", "2", "--mode", "inherit"});
+  ASSERT_NE(s.port, 0);
+  ASSERT_EQ(s.listening.size(), 2U);
+  std::set<int> pids;
+  for (int i = 0; i < 20; ++i) {
+    auto served = who(http_get(s.port));
+    ASSERT_TRUE(served) << "request " << i;
+    EXPECT_TRUE(served->index == 0 || served->index == 1);
+    pids.insert(served->pid);
+  }
+  EXPECT_LE(pids.size(), 2U);
+  // No dispatcher in this mode: status shows the supervisor's view only.
+  Captured status = run_capture({kCli, "status", "--control", s.control});
+  EXPECT_EQ(status.status, 0) << status.out;
+  EXPECT_NE(status.out.find("mode inherit, one shared listener"), std::string::npos) << status.out;
+  EXPECT_NE(status.out.find("worker 1"), std::string::npos) << status.out;
+  EXPECT_EQ(status.out.find("accepted"), std::string::npos) << status.out;
+  s.child.kill(SIGTERM);
+  EXPECT_EQ(s.child.wait_exit(20s), 0);
+}
+
+TEST_F(Cli, S6_InheritModeReusePortPerWorker) {
+  Server s = Server::start(
+      {"--listen", "127.0.0.1:0", "--workers", "2", "--mode", "inherit", "--reuseport"});
+  ASSERT_NE(s.port, 0);
+  std::set<int> indexes;
+  // The kernel spreads by a hash of the client's port: 40 connections reach both listeners
+  // unless the hash is badly broken.
+  for (int i = 0; i < 40; ++i) {
+    auto served = who(http_get(s.port));
+    ASSERT_TRUE(served) << "request " << i;
+    indexes.insert(served->index);
+  }
+  EXPECT_EQ(indexes.size(), 2U);
+}
+
+TEST_F(Cli, S6_ExternalPythonWorkerInInheritMode) {
+  Server s = Server::start({"--listen", "127.0.0.1:0", "--workers", "2", "--mode", "inherit", "--",
+                            python3(), kSourceDir + "/tests/cli/inherit_worker.py"});
+  ASSERT_NE(s.port, 0);
+  std::set<std::string> workers;
+  for (int i = 0; i < 10; ++i) {
+    auto r = http_get(s.port);
+    ASSERT_TRUE(r) << "request " << i;
+    EXPECT_EQ(r->status, 200);
+    int index = -1, pid = 0;
+    char listener[32] = {};
+    ASSERT_EQ(std::sscanf(r->body.c_str(), "python worker %d pid %d listener %31s", &index, &pid,
+                          listener),
+              3)
+        << r->body;
+    EXPECT_STREQ(listener, "http");
+    workers.insert(r->body);
+  }
+  s.child.kill(SIGTERM);
+  EXPECT_EQ(s.child.wait_exit(20s), 0);
+}
+
+TEST_F(Cli, R21_BuiltInWorkerAtEmfileShedsAndRecovers) {
+  // A worker at its descriptor limit must not spin on a listener that stays readable, nor
+  // leave the clients it cannot take hanging: it accepts and closes them, and serves again
+  // once descriptors are free.
+  Server s = Server::start({"--listen", "127.0.0.1:0", "--workers", "1", "--mode", "inherit"},
+                           {"/usr/bin/prlimit", "--nofile=20", "--"});
+  ASSERT_NE(s.port, 0);
+  std::vector<Fd> held;
+  for (int i = 0; i < 25; ++i) {
+    held.push_back(connect_tcp(s.port));
+    ASSERT_TRUE(held.back().valid());
+  }
+  // Accepts go in order: once this one is answered or shed, all of the above were handled.
+  Fd probe = connect_tcp(s.port);
+  ASSERT_TRUE(send_all(probe, "GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"));
+  EXPECT_EQ(read_to_eof(probe), "") << "the worker answered although it should be at EMFILE";
+  int shed = 0;
+  for (const Fd& fd : held) {
+    pollfd p{fd.get(), POLLIN, 0};
+    char byte;
+    if (::poll(&p, 1, 0) == 1 && ::recv(fd.get(), &byte, 1, MSG_DONTWAIT) == 0) ++shed;
+  }
+  EXPECT_GT(shed, 0) << "no connection was shed at the descriptor limit";
+  EXPECT_LT(shed, 25) << "the worker held no connection at all";
+  held.clear();
+  std::optional<Served> served;
+  const auto deadline = Clock::now() + 10s;
+  // The worker notices the closed connections as its epoll reports them; retry until then.
+  while (!served && Clock::now() < deadline) served = who(http_get(s.port));
+  EXPECT_TRUE(served) << "the worker did not recover from EMFILE";
+}
+
+// ---- failures and shutdown -----------------------------------------------------------------
+
+TEST_F(Cli, R12_KilledWorkerUnderLoadIsRestartedAndRequestsKeepSucceeding) {
+  Server s = Server::start({"--listen", "127.0.0.1:0", "--workers", "2"});
+  ASSERT_NE(s.port, 0);
+  auto victim = who(http_get(s.port));
+  ASSERT_TRUE(victim);
+  constexpr int kClients = 4;
+  std::atomic<int> done{0};
+  std::atomic<int> failures{0};
+  std::atomic<int> after_kill{0};
+  std::atomic<bool> killed{false};
+  std::atomic<bool> restarted{false};
+  const auto deadline = Clock::now() + 15s;
+  std::vector<std::thread> clients;
+  for (int c = 0; c < kClients; ++c) {
+    clients.emplace_back([&] {
+      for (int i = 0; i < 1500 && Clock::now() < deadline; ++i) {
+        const bool was_killed = killed.load();
+        auto served = who(http_get(s.port));
+        if (!served) {
+          ++failures;
+          continue;
+        }
+        ++done;
+        if (was_killed) ++after_kill;
+        if (served->index == victim->index && served->pid != victim->pid) restarted = true;
+        if (restarted && after_kill > 200) break;
+      }
+    });
+  }
+  while (done < 100 && Clock::now() < deadline) std::this_thread::yield();
+  ASSERT_EQ(::kill(victim->pid, SIGKILL), 0);
+  killed = true;
+  for (auto& t : clients) t.join();
+  // Connections the victim had acknowledged and was serving die with it (at most one per
+  // client, as each client has one request outstanding); every other request is answered,
+  // the unacknowledged ones by the surviving worker.
+  EXPECT_LE(failures.load(), kClients);
+  EXPECT_GT(after_kill.load(), 200);
+  EXPECT_TRUE(restarted) << "worker " << victim->index << " was not restarted";
+  Captured status = run_capture({kCli, "status", "--control", s.control});
+  EXPECT_EQ(status.status, 0) << status.out;
+  EXPECT_NE(status.out.find("exits 1"), std::string::npos) << status.out;
+  s.child.kill(SIGTERM);
+  EXPECT_EQ(s.child.wait_exit(20s), 0);
+}
+
+TEST_F(Cli, S6_LeastLoadedRoutesAroundABusyWorker) {
+  Server s = Server::start({"--listen", "127.0.0.1:0", "--workers", "2", "--policy", "least"});
+  ASSERT_NE(s.port, 0);
+  Fd busy = connect_tcp(s.port);
+  ASSERT_TRUE(send_all(busy, "GET /burn?ms=1500 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"));
+  const auto deadline = Clock::now() + 10s;
+  bool in_service = false;
+  while (!in_service && Clock::now() < deadline) {
+    Captured st = run_capture({kCli, "status", "--control", s.control});
+    in_service = st.out.find("load 1") != std::string::npos;
+  }
+  ASSERT_TRUE(in_service);
+  const auto started = Clock::now();
+  std::set<int> quick;
+  for (int i = 0; i < 10; ++i) {
+    auto served = who(http_get(s.port));
+    ASSERT_TRUE(served);
+    quick.insert(served->index);
+  }
+  const auto quick_time = Clock::now() - started;
+  auto slow = parse_responses(read_to_eof(busy));
+  ASSERT_EQ(slow.size(), 1U);
+  auto burner = who(slow[0]);
+  ASSERT_TRUE(burner);
+  // Every quick request went to the idle worker, none waited behind the burn.
+  ASSERT_EQ(quick.size(), 1U);
+  EXPECT_NE(*quick.begin(), burner->index);
+  EXPECT_LT(quick_time, 1500ms);
+}
+
+TEST_F(Cli, SigtermDrainsRequestInServiceAndExitsZero) {
+  Server s = Server::start({"--listen", "127.0.0.1:0", "--workers", "1", "--drain-timeout", "10"});
+  ASSERT_NE(s.port, 0);
+  Fd busy = connect_tcp(s.port);
+  ASSERT_TRUE(send_all(busy, "GET /burn?ms=600 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"));
+  // The request is in service once the worker reports load 1 (it does before burning).
+  const auto deadline = Clock::now() + 10s;
+  bool in_service = false;
+  while (!in_service && Clock::now() < deadline) {
+    Captured st = run_capture({kCli, "status", "--control", s.control});
+    in_service = st.out.find("load 1") != std::string::npos;
+  }
+  ASSERT_TRUE(in_service);
+  s.child.kill(SIGTERM);
+  auto responses = parse_responses(read_to_eof(busy));
+  ASSERT_EQ(responses.size(), 1U);
+  EXPECT_EQ(responses[0].status, 200);
+  EXPECT_EQ(s.child.wait_exit(20s), 0);
+  // Drained: nobody listens any more.
+  EXPECT_FALSE(connect_tcp(s.port).valid());
+}
+
+TEST_F(Cli, StatusShowsCountersInTextAndPrometheus) {
+  Server s = Server::start({"--listen", "127.0.0.1:0", "--workers", "2"});
+  ASSERT_NE(s.port, 0);
+  ASSERT_FALSE(s.control.empty());
+  for (int i = 0; i < 7; ++i) ASSERT_TRUE(who(http_get(s.port)));
+  Captured text = run_capture({kCli, "status", "--control", s.control});
+  EXPECT_EQ(text.status, 0) << text.out;
+  EXPECT_NE(text.out.find("accepted 7"), std::string::npos) << text.out;
+  EXPECT_NE(text.out.find("acknowledged 7"), std::string::npos) << text.out;
+  EXPECT_NE(text.out.find("worker 0"), std::string::npos) << text.out;
+  EXPECT_NE(text.out.find("worker 1"), std::string::npos) << text.out;
+  Captured prom = run_capture({kCli, "status", "--control", s.control, "--prometheus"});
+  EXPECT_EQ(prom.status, 0) << prom.out;
+  EXPECT_NE(prom.out.find("# TYPE"), std::string::npos) << prom.out;
+  EXPECT_NE(prom.out.find(" 7\n"), std::string::npos) << prom.out;
+  EXPECT_NE(prom.out.find("sockshare_supervisor_worker_up{index=\"1\"} 1"), std::string::npos)
+      << prom.out;
+  // SIGHUP (no reload yet) is logged and changes nothing: still serving, same workers.
+  s.child.kill(SIGHUP);
+  EXPECT_TRUE(who(http_get(s.port)));
+  Captured after = run_capture({kCli, "status", "--control", s.control});
+  EXPECT_NE(after.out.find("accepted 8"), std::string::npos) << after.out;
+  EXPECT_NE(after.out.find("starts 1 exits 0"), std::string::npos) << after.out;
+}
+
+}  // namespace
+}  // namespace sockshare::test
