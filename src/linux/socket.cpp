@@ -70,7 +70,8 @@ std::string_view to_string(Expect expect) noexcept {
 
 std::optional<std::string> mismatch(const SocketIdentity& id, Expect expect) {
   const bool inet = id.family == AF_INET || id.family == AF_INET6;
-  const bool tcp = id.is_socket && inet && id.type == SOCK_STREAM;
+  // SOCK_STREAM alone would let SCTP or MPTCP sockets pass as TCP.
+  const bool tcp = id.is_socket && inet && id.type == SOCK_STREAM && id.protocol == IPPROTO_TCP;
   const bool unix_stream = id.is_socket && id.family == AF_UNIX && id.type == SOCK_STREAM;
   bool ok = false;
   switch (expect) {
