@@ -10,6 +10,8 @@
 #include "sockshare/error.hpp"
 #include "sockshare/grant.hpp"
 
+#include "byte_order.hpp"
+
 namespace sockshare {
 namespace {
 
@@ -45,17 +47,19 @@ class Writer {
  public:
   explicit Writer(std::span<std::byte> out) : out_(out) {}
   void u8(std::uint8_t v) { out_[pos_++] = std::byte{v}; }
-  void u16(std::uint16_t v) { put(v, 2); }
-  void u32(std::uint32_t v) { put(v, 4); }
-  void u64(std::uint64_t v) { put(v, 8); }
+  void u16(std::uint16_t v) { put(v); }
+  void u32(std::uint32_t v) { put(v); }
+  void u64(std::uint64_t v) { put(v); }
   void raw(const void* data, std::size_t n) {
     std::memcpy(out_.data() + pos_, data, n);
     pos_ += n;
   }
 
  private:
-  void put(std::uint64_t v, int n) {
-    for (int i = 0; i < n; ++i) out_[pos_++] = std::byte{static_cast<std::uint8_t>(v >> (8 * i))};
+  template <class T>
+  void put(T v) {
+    bytes::store_le(out_.data() + pos_, v);
+    pos_ += sizeof(T);
   }
   std::span<std::byte> out_;
   std::size_t pos_ = 0;
@@ -65,19 +69,19 @@ class Reader {
  public:
   explicit Reader(std::span<const std::byte> in) : in_(in) {}
   std::uint8_t u8() { return static_cast<std::uint8_t>(in_[pos_++]); }
-  std::uint16_t u16() { return static_cast<std::uint16_t>(get(2)); }
-  std::uint32_t u32() { return static_cast<std::uint32_t>(get(4)); }
-  std::uint64_t u64() { return get(8); }
+  std::uint16_t u16() { return get<std::uint16_t>(); }
+  std::uint32_t u32() { return get<std::uint32_t>(); }
+  std::uint64_t u64() { return get<std::uint64_t>(); }
   void raw(void* data, std::size_t n) {
     std::memcpy(data, in_.data() + pos_, n);
     pos_ += n;
   }
 
  private:
-  std::uint64_t get(int n) {
-    std::uint64_t v = 0;
-    for (int i = 0; i < n; ++i)
-      v |= std::uint64_t{static_cast<std::uint8_t>(in_[pos_++])} << (8 * i);
+  template <class T>
+  T get() {
+    const T v = bytes::load_le<T>(in_.data() + pos_);
+    pos_ += sizeof(T);
     return v;
   }
   std::span<const std::byte> in_;

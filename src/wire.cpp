@@ -1,38 +1,21 @@
 #include "sockshare/wire.hpp"
 
-#include <bit>
+#include "byte_order.hpp"
+
 #include <cstddef>
 #include <cstring>
 
 namespace sockshare::wire {
 namespace {
 
-// Fields are little-endian on the wire. On a little-endian host that is the in-memory
-// layout and one memcpy per field suffices; the byte loop serves big-endian hosts.
 template <class T>
 void put(std::byte* out, T value) noexcept {
-  if constexpr (std::endian::native == std::endian::little) {
-    std::memcpy(out, &value, sizeof(T));
-  } else {
-    for (std::size_t i = 0; i < sizeof(T); ++i) {
-      out[i] = static_cast<std::byte>((static_cast<std::uint64_t>(value) >> (8 * i)) & 0xFF);
-    }
-  }
+  bytes::store_le(out, value);
 }
 
 template <class T>
 T get(const std::byte* in) noexcept {
-  if constexpr (std::endian::native == std::endian::little) {
-    T value;
-    std::memcpy(&value, in, sizeof(T));
-    return value;
-  } else {
-    std::uint64_t value = 0;
-    for (std::size_t i = 0; i < sizeof(T); ++i) {
-      value |= static_cast<std::uint64_t>(std::to_integer<std::uint8_t>(in[i])) << (8 * i);
-    }
-    return static_cast<T>(value);
-  }
+  return bytes::load_le<T>(in);
 }
 
 DecodeResult fail(std::string why) { return {false, std::move(why)}; }
