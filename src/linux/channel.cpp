@@ -146,23 +146,36 @@ std::pair<Channel, Channel> Channel::pair() {
 Channel Channel::connect(const Endpoint& endpoint, std::chrono::milliseconds timeout) {
   socklen_t length = 0;
   sockaddr_un sun = unix_address(endpoint, length);
-  Fd fd(::socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
-  if (!fd.valid()) sys::throw_errno("socket(AF_UNIX, SOCK_SEQPACKET)");
-  const std::string op = "connect(" + endpoint.to_string() + ")";
-  if (::connect(fd.get(), reinterpret_cast<sockaddr*>(&sun), length) != 0) {
-    int err = errno;
-    // A full backlog answers EAGAIN on a non-blocking unix connect; retry until the deadline.
-    const auto deadline = sys::deadline_after(timeout);
-    while (err == EAGAIN || err == EINTR || err == EINPROGRESS) {
-      if (deadline != sys::kNoDeadline && std::chrono::steady_clock::now() >= deadline) {
-        throw Error(ErrorKind::timed_out, 0, op);
-      }
-      ::usleep(1000);
-      err = ::connect(fd.get(), reinterpret_cast<sockaddr*>(&sun), length) == 0 ? 0 : errno;
-      if (err == EISCONN) err = 0;
-    }
-    if (err != 0) sys::throw_errno(op, err);
+  // A blocking connect waits for room in a full backlog; SO_SNDTIMEO bounds that wait
+  // (unix connect honours it) so no retry loop is needed. The Channel switches the socket
+  // to non-blocking afterwards.
+  Fd fd(::socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0));
+  if (!fd.valid()) {
+    const int err = errno;
+    sys::throw_errno("socket(AF_UNIX, SOCK_SEQPACKET)", err);
   }
+  auto set_send_timeout = [&](std::chrono::milliseconds t) {
+    timeval tv{};
+    if (t.count() > 0) {
+      tv.tv_sec = static_cast<time_t>(t.count() / 1000);
+      tv.tv_usec = static_cast<suseconds_t>((t.count() % 1000) * 1000);
+    } else if (t.count() == 0) {
+      tv.tv_usec = 1;  // 0 would mean "wait forever"
+    }
+    ::setsockopt(fd.get(), SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+  };
+  if (timeout.count() >= 0) set_send_timeout(timeout);
+  if (sys::retry_eintr([&] {
+        return ::connect(fd.get(), reinterpret_cast<sockaddr*>(&sun), length);
+      }) != 0) {
+    const int err = errno;
+    const std::string op = "connect(" + endpoint.to_string() + ")";
+    if (err == EAGAIN || err == EINPROGRESS) {
+      throw Error(ErrorKind::timed_out, 0, op, "the listener's backlog stayed full");
+    }
+    sys::throw_errno(op, err);
+  }
+  if (timeout.count() >= 0) set_send_timeout(std::chrono::milliseconds(-1));
   return Channel(std::move(fd));
 }
 
@@ -451,12 +464,12 @@ ChannelListener ChannelListener::listen(const Endpoint& endpoint, int backlog, u
   listener.socket_ = Fd(::socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
   if (!listener.socket_.valid()) sys::throw_errno("socket(AF_UNIX, SOCK_SEQPACKET)");
   const bool path = endpoint.kind == Endpoint::Kind::unix_path;
-  // Bind under a restrictive umask so there is no window in which others could connect.
-  const mode_t old_mask = path ? ::umask(static_cast<mode_t>(~mode & 0777)) : 0;
-  const int rc = ::bind(listener.socket_.get(), reinterpret_cast<sockaddr*>(&sun), length);
-  const int err = errno;
-  if (path) ::umask(old_mask);
-  if (rc != 0) sys::throw_errno("bind(" + endpoint.to_string() + ")", err);
+  // Bound with its final mode: there is no window in which others could connect.
+  const int err = path ? sys::bind_unix_with_mode(listener.socket_.get(),
+                                                  reinterpret_cast<sockaddr*>(&sun), length, mode)
+                       : (::bind(listener.socket_.get(), reinterpret_cast<sockaddr*>(&sun),
+                                 length) == 0 ? 0 : errno);
+  if (err != 0) sys::throw_errno("bind(" + endpoint.to_string() + ")", err);
   if (path) {
     struct stat st {};
     if (::stat(endpoint.path.c_str(), &st) == 0) listener.inode_ = st.st_ino;

@@ -243,13 +243,7 @@ Fd listen_on(const Endpoint& endpoint, const ListenOptions& options) {
     int err = errno;
     // A socket file left by a dead server: remove it only if nobody answers on it.
     if (err == EADDRINUSE && endpoint.kind == Endpoint::Kind::unix_path && options.unlink_stale) {
-      Fd probe(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
-      if (probe.valid() && ::connect(probe.get(), addr.get(), addr.length) != 0 &&
-          errno == ECONNREFUSED) {
-        ::unlink(endpoint.path.c_str());
-        if (::bind(fd.get(), addr.get(), addr.length) == 0) err = 0;
-        else err = errno;
-      }
+      err = sys::replace_stale_unix_socket(fd.get(), endpoint.path, addr.get(), addr.length);
     }
     if (err != 0) sys::throw_errno("bind(" + what + ")", err);
   }

@@ -2,8 +2,11 @@
 
 #include <fcntl.h>
 #include <poll.h>
+#include <sys/file.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
+#include <mutex>
 #include <string>
 
 namespace sockshare {
@@ -51,6 +54,32 @@ void throw_errno(std::string operation) { throw_errno(std::move(operation), errn
 
 void throw_errno(std::string operation, int err) {
   throw Error::from_errno(std::move(operation), err);
+}
+
+int bind_unix_with_mode(int fd, const sockaddr* addr, socklen_t length, unsigned mode) {
+  static std::mutex umask_mutex;
+  std::lock_guard lock(umask_mutex);
+  const mode_t old_mask = ::umask(static_cast<mode_t>(~mode & 0777));
+  const int rc = ::bind(fd, addr, length);
+  const int err = errno;
+  ::umask(old_mask);
+  return rc == 0 ? 0 : err;
+}
+
+int replace_stale_unix_socket(int fd, const std::string& path, const sockaddr* addr,
+                              socklen_t length) {
+  const auto slash = path.rfind('/');
+  const std::string dir = slash == std::string::npos ? "." : (slash == 0 ? "/" : path.substr(0, slash));
+  Fd dir_fd(::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+  if (!dir_fd.valid()) return errno;
+  if (retry_eintr([&] { return ::flock(dir_fd.get(), LOCK_EX); }) != 0) return errno;
+  // Non-blocking: a live server with a full backlog answers EAGAIN instead of hanging us.
+  Fd probe(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
+  if (!probe.valid()) return errno;
+  if (::connect(probe.get(), addr, length) == 0) return EADDRINUSE;
+  if (errno != ECONNREFUSED) return EADDRINUSE;
+  if (::unlink(path.c_str()) != 0 && errno != ENOENT) return errno;
+  return ::bind(fd, addr, length) == 0 ? 0 : errno;
 }
 
 std::optional<int> get_int_option(int fd, int level, int name) {

@@ -65,7 +65,8 @@ private:
   Seam saved_;
 };
 
-// Runs `call` until it does not fail with EINTR. The single retry loop of the library.
+// Runs `call` until it does not fail with EINTR: the one retry loop for calls that return at
+// once. Waits with a deadline go through wait_ready(), which recomputes what is left.
 template <class Call>
 auto retry_eintr(Call&& call) {
   for (;;) {
@@ -86,6 +87,18 @@ bool wait_ready(int fd, short events, Deadline deadline);
 
 [[noreturn]] void throw_errno(std::string operation);
 [[noreturn]] void throw_errno(std::string operation, int err);
+
+// bind() of a unix socket whose file gets exactly `mode`. The umask is process-wide, so the
+// library's binds that change it take one lock; a thread creating files meanwhile outside
+// the library still sees the narrowed umask for the duration of the bind.
+int bind_unix_with_mode(int fd, const sockaddr* addr, socklen_t length, unsigned mode);
+
+// After bind() failed with EADDRINUSE on `path`: if no process answers on the socket file
+// there (ECONNREFUSED), removes it and binds again; returns 0 on success or the errno to
+// report. A live server, even one with a full backlog, keeps its file. Holds an flock on the
+// directory so two servers starting together cannot remove each other's fresh socket.
+int replace_stale_unix_socket(int fd, const std::string& path, const sockaddr* addr,
+                              socklen_t length);
 
 // getsockopt of an int-sized option; nullopt when the option is unsupported.
 std::optional<int> get_int_option(int fd, int level, int name);

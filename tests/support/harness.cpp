@@ -5,6 +5,7 @@
 #include <poll.h>
 #include <signal.h>
 #include <sys/prctl.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -118,10 +119,11 @@ Child Child::program(std::vector<std::string> argv, SpawnOptions options) {
   if (pid == 0) {
     ::prctl(PR_SET_PDEATHSIG, SIGKILL);
     if (::getppid() != parent) ::_exit(127);
-    // Move every source out of the target range first so dup2 never clobbers one.
+    // Move every source above the target range first so dup2 never clobbers one.
     std::vector<int>& high = sources;
+    const int above_targets = 3 + static_cast<int>(high.size());
     for (auto& fd : high) {
-      fd = ::fcntl(fd, F_DUPFD, 1000);
+      fd = ::fcntl(fd, F_DUPFD, above_targets);
       if (fd < 0) ::_exit(126);
     }
     for (std::size_t i = 0; i < high.size(); ++i) {
@@ -255,13 +257,27 @@ std::set<int> open_fds() {
   return fds;
 }
 
-void FdLeakTest::SetUp() { before_ = open_fds(); }
+namespace {
+// A descriptor number plus what it refers to, so a leak that reuses a number closed during
+// the test is still seen.
+std::map<int, std::pair<dev_t, ino_t>> open_fd_identities() {
+  std::map<int, std::pair<dev_t, ino_t>> identities;
+  for (int fd : open_fds()) {
+    struct stat st {};
+    if (::fstat(fd, &st) == 0) identities[fd] = {st.st_dev, st.st_ino};
+  }
+  return identities;
+}
+}  // namespace
+
+void FdLeakTest::SetUp() { before_ = open_fd_identities(); }
 
 void FdLeakTest::TearDown() {
-  std::set<int> after = open_fds();
+  const auto after = open_fd_identities();
   std::vector<int> leaked;
-  for (int fd : after) {
-    if (before_.count(fd) == 0) leaked.push_back(fd);
+  for (const auto& [fd, identity] : after) {
+    auto it = before_.find(fd);
+    if (it == before_.end() || it->second != identity) leaked.push_back(fd);
   }
   if (!leaked.empty()) {
     std::string list;

@@ -7,6 +7,7 @@
 
 #include <chrono>
 #include <functional>
+#include <map>
 #include <set>
 #include <string>
 #include <string_view>
@@ -99,7 +100,7 @@ protected:
   void TearDown() override;
 
 private:
-  std::set<int> before_;
+  std::map<int, std::pair<dev_t, ino_t>> before_;
 };
 
 // A pipe with both ends close-on-exec unless `cloexec` is false.
