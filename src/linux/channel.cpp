@@ -136,7 +136,7 @@ Channel& Channel::operator=(Channel&& other) noexcept {
 std::pair<Channel, Channel> Channel::pair() {
   int fds[2];
   if (::socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC | SOCK_NONBLOCK, 0, fds) != 0) {
-    sys::throw_errno("socketpair(AF_UNIX, SOCK_SEQPACKET)");
+    SOCKSHARE_THROW_ERRNO("socketpair(AF_UNIX, SOCK_SEQPACKET)");
   }
   Fd a(fds[0]);
   Fd b(fds[1]);
@@ -251,7 +251,7 @@ std::optional<std::uint64_t> Channel::try_send(const Outgoing& message) {
       [&] { return sys::seam().sendmsg(fd, &msg, MSG_NOSIGNAL | MSG_DONTWAIT); });
   if (n < 0) {
     if (errno == EAGAIN || errno == EWOULDBLOCK) return std::nullopt;
-    sys::throw_errno("sendmsg(fd " + std::to_string(fd) + ", " +
+    SOCKSHARE_THROW_ERRNO("sendmsg(fd " + std::to_string(fd) + ", " +
                      std::to_string(message.fds.size()) + " fds, " + std::to_string(total) +
                      " bytes)");
   }
@@ -294,7 +294,7 @@ bool Channel::try_receive(Message& out, const ReceiveOptions& options) {
       [&] { return sys::seam().recvmsg(fd, &msg, MSG_CMSG_CLOEXEC | MSG_DONTWAIT); });
   if (n < 0) {
     if (errno == EAGAIN || errno == EWOULDBLOCK) return false;
-    sys::throw_errno(fd_op("recvmsg", fd));
+    SOCKSHARE_THROW_ERRNO(fd_op("recvmsg", fd));
   }
 
   // Own every descriptor before looking at anything else, so each error path below closes
@@ -427,14 +427,14 @@ bool Channel::refuse_descriptors() {
   int zero = 0;
   if (::setsockopt(socket_.get(), SOL_SOCKET, SO_PASSRIGHTS, &zero, sizeof zero) == 0) return true;
   if (errno == ENOPROTOOPT || errno == EINVAL) return false;
-  sys::throw_errno(fd_op("setsockopt(SO_PASSRIGHTS)", socket_.get()));
+  SOCKSHARE_THROW_ERRNO(fd_op("setsockopt(SO_PASSRIGHTS)", socket_.get()));
 }
 
 PeerCredentials Channel::peer_credentials() const {
   ucred cred{};
   socklen_t len = sizeof cred;
   if (::getsockopt(socket_.get(), SOL_SOCKET, SO_PEERCRED, &cred, &len) != 0) {
-    sys::throw_errno(fd_op("getsockopt(SO_PEERCRED)", socket_.get()));
+    SOCKSHARE_THROW_ERRNO(fd_op("getsockopt(SO_PEERCRED)", socket_.get()));
   }
   return {cred.pid, cred.uid, cred.gid};
 }
@@ -444,7 +444,7 @@ std::optional<Fd> Channel::peer_pidfd() const {
   socklen_t len = sizeof pidfd;
   if (::getsockopt(socket_.get(), SOL_SOCKET, SO_PEERPIDFD, &pidfd, &len) != 0) {
     if (errno == ENOPROTOOPT) return std::nullopt;
-    sys::throw_errno(fd_op("getsockopt(SO_PEERPIDFD)", socket_.get()));
+    SOCKSHARE_THROW_ERRNO(fd_op("getsockopt(SO_PEERPIDFD)", socket_.get()));
   }
   // The kernel creates it with O_CLOEXEC already.
   return Fd(pidfd);
@@ -452,7 +452,7 @@ std::optional<Fd> Channel::peer_pidfd() const {
 
 void Channel::shutdown_send() {
   if (::shutdown(socket_.get(), SHUT_WR) != 0 && errno != ENOTCONN) {
-    sys::throw_errno(fd_op("shutdown(SHUT_WR)", socket_.get()));
+    SOCKSHARE_THROW_ERRNO(fd_op("shutdown(SHUT_WR)", socket_.get()));
   }
 }
 
@@ -462,7 +462,7 @@ ChannelListener ChannelListener::listen(const Endpoint& endpoint, int backlog, u
   ChannelListener listener;
   listener.endpoint_ = endpoint;
   listener.socket_ = Fd(::socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
-  if (!listener.socket_.valid()) sys::throw_errno("socket(AF_UNIX, SOCK_SEQPACKET)");
+  if (!listener.socket_.valid()) SOCKSHARE_THROW_ERRNO("socket(AF_UNIX, SOCK_SEQPACKET)");
   const bool path = endpoint.kind == Endpoint::Kind::unix_path;
   // Bound with its final mode: there is no window in which others could connect.
   const int err = path ? sys::bind_unix_with_mode(listener.socket_.get(),
@@ -475,7 +475,7 @@ ChannelListener ChannelListener::listen(const Endpoint& endpoint, int backlog, u
     if (::stat(endpoint.path.c_str(), &st) == 0) listener.inode_ = st.st_ino;
   }
   if (::listen(listener.socket_.get(), backlog) != 0) {
-    sys::throw_errno("listen(" + endpoint.to_string() + ")");
+    SOCKSHARE_THROW_ERRNO("listen(" + endpoint.to_string() + ")");
   }
   return listener;
 }
@@ -508,7 +508,7 @@ std::optional<Channel> ChannelListener::try_accept() {
   });
   if (fd < 0) {
     if (errno == EAGAIN || errno == EWOULDBLOCK || errno == ECONNABORTED) return std::nullopt;
-    sys::throw_errno(fd_op("accept4", socket_.get()));
+    SOCKSHARE_THROW_ERRNO(fd_op("accept4", socket_.get()));
   }
   return Channel(Fd(fd));
 }

@@ -20,7 +20,7 @@ SocketIdentity identify(BorrowedFd fd) {
   SocketIdentity id;
   struct stat st {};
   if (::fstat(fd.get(), &st) != 0) {
-    sys::throw_errno("fstat(fd " + std::to_string(fd.get()) + ")");
+    SOCKSHARE_THROW_ERRNO("fstat(fd " + std::to_string(fd.get()) + ")");
   }
   id.inode = st.st_ino;
   id.device = st.st_dev;
@@ -223,20 +223,20 @@ Fd listen_on(const Endpoint& endpoint, const ListenOptions& options) {
   const std::string what = endpoint.to_string();
   int type = SOCK_STREAM | SOCK_CLOEXEC | (options.nonblocking ? SOCK_NONBLOCK : 0);
   Fd fd(::socket(family_of(endpoint), type, 0));
-  if (!fd.valid()) sys::throw_errno("socket for listener " + what);
+  if (!fd.valid()) SOCKSHARE_THROW_ERRNO("socket for listener " + what);
   int one = 1;
   if (endpoint.kind == Endpoint::Kind::inet || endpoint.kind == Endpoint::Kind::inet6) {
     if (::setsockopt(fd.get(), SOL_SOCKET, SO_REUSEADDR, &one, sizeof one) != 0) {
-      sys::throw_errno("setsockopt(SO_REUSEADDR) on " + what);
+      SOCKSHARE_THROW_ERRNO("setsockopt(SO_REUSEADDR) on " + what);
     }
     if (endpoint.kind == Endpoint::Kind::inet6 &&
         ::setsockopt(fd.get(), IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof one) != 0) {
-      sys::throw_errno("setsockopt(IPV6_V6ONLY) on " + what);
+      SOCKSHARE_THROW_ERRNO("setsockopt(IPV6_V6ONLY) on " + what);
     }
   }
   if (options.reuse_port &&
       ::setsockopt(fd.get(), SOL_SOCKET, SO_REUSEPORT, &one, sizeof one) != 0) {
-    sys::throw_errno("setsockopt(SO_REUSEPORT) on " + what);
+    SOCKSHARE_THROW_ERRNO("setsockopt(SO_REUSEPORT) on " + what);
   }
   SockAddr addr = to_sockaddr(endpoint);
   if (::bind(fd.get(), addr.get(), addr.length) != 0) {
@@ -247,7 +247,7 @@ Fd listen_on(const Endpoint& endpoint, const ListenOptions& options) {
     }
     if (err != 0) sys::throw_errno("bind(" + what + ")", err);
   }
-  if (::listen(fd.get(), options.backlog) != 0) sys::throw_errno("listen(" + what + ")");
+  if (::listen(fd.get(), options.backlog) != 0) SOCKSHARE_THROW_ERRNO("listen(" + what + ")");
   return fd;
 }
 
@@ -255,7 +255,7 @@ Endpoint local_endpoint(BorrowedFd fd) {
   sockaddr_storage storage{};
   socklen_t len = sizeof storage;
   if (::getsockname(fd.get(), reinterpret_cast<sockaddr*>(&storage), &len) != 0) {
-    sys::throw_errno("getsockname(fd " + std::to_string(fd.get()) + ")");
+    SOCKSHARE_THROW_ERRNO("getsockname(fd " + std::to_string(fd.get()) + ")");
   }
   Endpoint ep;
   char host[INET6_ADDRSTRLEN] = {};
@@ -290,7 +290,7 @@ Endpoint local_endpoint(BorrowedFd fd) {
 
 Fd connect_to(const Endpoint& endpoint) {
   Fd fd(::socket(family_of(endpoint), SOCK_STREAM | SOCK_CLOEXEC, 0));
-  if (!fd.valid()) sys::throw_errno("socket to connect to " + endpoint.to_string());
+  if (!fd.valid()) SOCKSHARE_THROW_ERRNO("socket to connect to " + endpoint.to_string());
   SockAddr addr = to_sockaddr(endpoint);
   if (::connect(fd.get(), addr.get(), addr.length) != 0) {
     int err = errno;
@@ -306,10 +306,10 @@ Fd connect_to(const Endpoint& endpoint) {
 
 void set_nonblocking(BorrowedFd fd, bool on) {
   int flags = ::fcntl(fd.get(), F_GETFL);
-  if (flags < 0) sys::throw_errno("fcntl(fd " + std::to_string(fd.get()) + ", F_GETFL)");
+  if (flags < 0) SOCKSHARE_THROW_ERRNO("fcntl(fd " + std::to_string(fd.get()) + ", F_GETFL)");
   int wanted = on ? (flags | O_NONBLOCK) : (flags & ~O_NONBLOCK);
   if (wanted != flags && ::fcntl(fd.get(), F_SETFL, wanted) != 0) {
-    sys::throw_errno("fcntl(fd " + std::to_string(fd.get()) + ", F_SETFL)");
+    SOCKSHARE_THROW_ERRNO("fcntl(fd " + std::to_string(fd.get()) + ", F_SETFL)");
   }
 }
 

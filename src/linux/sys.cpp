@@ -18,7 +18,7 @@ void Fd::reset() noexcept {
 
 Fd Fd::duplicate() const {
   int copy = ::fcntl(fd_, F_DUPFD_CLOEXEC, 0);
-  if (copy < 0) sys::throw_errno("fcntl(fd " + std::to_string(fd_) + ", F_DUPFD_CLOEXEC)");
+  if (copy < 0) SOCKSHARE_THROW_ERRNO("fcntl(fd " + std::to_string(fd_) + ", F_DUPFD_CLOEXEC)");
   return Fd(copy);
 }
 
@@ -46,7 +46,7 @@ bool wait_ready(int fd, short events, Deadline deadline) {
     pollfd p{fd, events, 0};
     int n = ::poll(&p, 1, timeout_ms);
     if (n > 0) return true;
-    if (n < 0 && errno != EINTR) throw_errno("poll(fd " + std::to_string(fd) + ")");
+    if (n < 0 && errno != EINTR) SOCKSHARE_THROW_ERRNO("poll(fd " + std::to_string(fd) + ")");
   }
 }
 

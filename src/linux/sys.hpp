@@ -86,6 +86,18 @@ Deadline deadline_after(std::chrono::milliseconds timeout);
 bool wait_ready(int fd, short events, Deadline deadline);
 
 [[noreturn]] void throw_errno(std::string operation);
+
+}  // namespace sockshare::sys
+
+// Throws the current errno as an Error for `operation`, saving errno before the operation's
+// text is built: an allocation may change errno even when it succeeds.
+#define SOCKSHARE_THROW_ERRNO(operation)                             \
+  do {                                                               \
+    const int sockshare_saved_errno = errno;                         \
+    ::sockshare::sys::throw_errno((operation), sockshare_saved_errno); \
+  } while (false)
+
+namespace sockshare::sys {
 [[noreturn]] void throw_errno(std::string operation, int err);
 
 // bind() of a unix socket whose file gets exactly `mode`. The umask is process-wide, so the
