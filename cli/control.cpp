@@ -72,10 +72,14 @@ void remove_stale_socket(const Endpoint& endpoint) {
 struct Server::Client {
   Channel channel;
   Message message;
+  std::uint64_t id = 0;  // a reload answers later: it finds its client by id, not by pointer
 };
 
-Server::Server(dispatch::Dispatcher& loop, ChannelListener listener, Render render)
-    : loop_(loop), listener_(std::move(listener)), render_(std::move(render)) {
+Server::Server(dispatch::Dispatcher& loop, ChannelListener listener, Render render, Reload reload)
+    : loop_(loop),
+      listener_(std::move(listener)),
+      render_(std::move(render)),
+      reload_(std::move(reload)) {
   loop_.watch(listener_.native_handle(), EPOLLIN, [this](std::uint32_t) { on_accept(); });
 }
 
@@ -108,6 +112,7 @@ void Server::on_accept() {
     channel->refuse_descriptors();
     auto client = std::make_unique<Client>();
     client->channel = std::move(*channel);
+    client->id = next_client_id_++;
     Client* raw = client.get();
     clients_.push_back(std::move(client));
     loop_.watch(raw->channel.native_handle(), EPOLLIN,
@@ -120,6 +125,22 @@ void Server::on_client(Client* client) {
   options.max_fds = 0;
   try {
     while (client->channel.try_receive(client->message, options)) {
+      if (client->message.type == kReloadRequest && reload_) {
+        const std::uint64_t id = client->id;
+        reload_([this, id](bool ok, std::string text) {
+          auto it = std::find_if(clients_.begin(), clients_.end(),
+                                 [id](const std::unique_ptr<Client>& c) { return c->id == id; });
+          if (it == clients_.end()) return;  // the client left before the outcome
+          Client* waiting = it->get();
+          try {
+            waiting->channel.send({.type = ok ? kReloadResponse : kError, .payload = bytes(text)},
+                                  std::chrono::seconds(1));
+          } catch (const Error&) {
+            drop(waiting);
+          }
+        });
+        continue;
+      }
       if (client->message.type != kStatusRequest) {
         const std::string why = "unknown request type " + std::to_string(client->message.type);
         client->channel.send({.type = kError, .payload = bytes(why)}, std::chrono::seconds(1));
@@ -151,6 +172,22 @@ void Server::on_client(Client* client) {
 void Server::drop(Client* client) {
   loop_.unwatch(client->channel.native_handle());
   std::erase_if(clients_, [client](const std::unique_ptr<Client>& c) { return c.get() == client; });
+}
+
+std::string request_reload(const Endpoint& endpoint, std::chrono::milliseconds timeout) {
+  Channel channel = Channel::connect(endpoint, timeout);
+  channel.send({.type = kReloadRequest}, timeout);
+  ReceiveOptions options;
+  options.max_fds = 0;
+  Message reply = channel.receive(options, timeout);
+  if (reply.type == kError) {
+    throw Error(ErrorKind::refused, 0, "reload of " + endpoint.to_string(), reply.payload_text());
+  }
+  if (reply.type != kReloadResponse) {
+    throw Error(ErrorKind::protocol, 0, "reload of " + endpoint.to_string(),
+                "unexpected reply type " + std::to_string(reply.type));
+  }
+  return std::string(reply.payload_text());
 }
 
 std::string request_status(const Endpoint& endpoint, bool prometheus,

@@ -21,7 +21,10 @@ namespace sockshare::cli::control {
 
 inline constexpr std::uint16_t kStatusRequest = 0x8301;   // payload: "text" or "prometheus"
 inline constexpr std::uint16_t kStatusResponse = 0x8302;  // payload: the rendered report
-inline constexpr std::uint16_t kError = 0x83ff;           // payload: what was wrong
+inline constexpr std::uint16_t kReloadRequest = 0x8303;   // payload: empty
+// Sent once the new generation is ready (or failed): "generation K ready" / the reason.
+inline constexpr std::uint16_t kReloadResponse = 0x8304;
+inline constexpr std::uint16_t kError = 0x83ff;  // payload: what was wrong
 
 // The default control endpoint of the serve process `pid`: a socket in a directory only this
 // user can enter ($XDG_RUNTIME_DIR/sockshare, else /tmp/sockshare-<uid>). An abstract name
@@ -41,7 +44,12 @@ class Server {
   // Renders the report for a format ("text" or "prometheus").
   using Render = std::function<std::string(std::string_view format)>;
 
-  Server(dispatch::Dispatcher& loop, ChannelListener listener, Render render);
+  // Starts a reload and calls `done` once it succeeded or failed (possibly much later, from
+  // the loop; never after the Server is gone if the caller answers pending reloads first).
+  using Done = std::function<void(bool ok, std::string text)>;
+  using Reload = std::function<void(Done done)>;
+
+  Server(dispatch::Dispatcher& loop, ChannelListener listener, Render render, Reload reload = {});
   ~Server();
   Server(const Server&) = delete;
   Server& operator=(const Server&) = delete;
@@ -57,8 +65,15 @@ class Server {
   dispatch::Dispatcher& loop_;
   ChannelListener listener_;
   Render render_;
+  Reload reload_;
   std::vector<std::unique_ptr<Client>> clients_;
+  std::uint64_t next_client_id_ = 1;
 };
+
+// One reload request: connects, asks, waits up to `timeout` for the outcome. Returns the
+// server's text on success; throws Error (kind refused with the reason) on failure.
+[[nodiscard]] std::string request_reload(const Endpoint& endpoint,
+                                         std::chrono::milliseconds timeout);
 
 // One status request: connects, asks, returns the report. Throws Error.
 [[nodiscard]] std::string request_status(const Endpoint& endpoint, bool prometheus,

@@ -54,8 +54,8 @@ int main(int argc, char** argv) {
   serve_cmd
       ->add_option("-l,--listen", serve.listen,
                    "[NAME=]ENDPOINT to listen on: 127.0.0.1:8080, [::1]:8081, unix:/path, "
-                   "unix:@name; port 0 picks a free port (repeatable)")
-      ->required()
+                   "unix:@name; port 0 picks a free port (repeatable); optional when "
+                   "the listeners come by socket activation (LISTEN_FDS)")
       ->type_name("ENDPOINT");
   serve_cmd->add_option("-w,--workers", serve.workers, "Worker processes")
       ->capture_default_str()
@@ -101,9 +101,20 @@ int main(int argc, char** argv) {
   serve_cmd
       ->add_option("--ready-fd", serve.ready_fd,
                    "Write 'listening NAME ENDPOINT', 'control ENDPOINT' and 'ready' lines "
-                   "to this descriptor once every worker is up, then close it")
+                   "to this descriptor once every worker is up, then one line per reload")
       ->type_name("FD")
       ->check(CLI::Range(0, 1 << 20));
+  serve_cmd
+      ->add_option("--upgrade-from", serve.upgrade_from,
+                   "Take the listeners over from a running serve (its pid or control "
+                   "endpoint), start the workers, then tell it to drain and exit")
+      ->type_name("PID|ENDPOINT");
+  serve_cmd
+      ->add_option("--ready-timeout", serve.ready_timeout_s,
+                   "Seconds a reload's new generation gets to become ready before the reload "
+                   "fails and the old generation keeps serving")
+      ->capture_default_str()
+      ->check(CLI::Range(0.001, 3600.0));
   serve_cmd
       ->add_option("command", serve.command,
                    "Worker program and arguments, after --; default: the built-in HTTP "
@@ -128,6 +139,24 @@ int main(int argc, char** argv) {
       ->capture_default_str()
       ->check(CLI::Range(0.1, 600.0));
 
+  std::string reload_control;
+  pid_t reload_pid = 0;
+  double reload_timeout = 60;
+  CLI::App* reload_cmd = app.add_subcommand(
+      "reload",
+      "Start a new generation of workers of a running `sockshare serve` (like SIGHUP) and wait "
+      "until it serves; exit 1 if it failed and the old generation still serves.");
+  auto* reload_control_option =
+      reload_cmd->add_option("-c,--control", reload_control, "Control socket of the serve process")
+          ->type_name("ENDPOINT");
+  reload_cmd
+      ->add_option("--pid", reload_pid, "PID of a serve process using the default control socket")
+      ->excludes(reload_control_option)
+      ->check(CLI::PositiveNumber);
+  reload_cmd->add_option("--timeout", reload_timeout, "Seconds to wait for the outcome")
+      ->capture_default_str()
+      ->check(CLI::Range(0.1, 3600.0));
+
   try {
     app.parse(argc, argv);
   } catch (const CLI::CallForHelp& e) {
@@ -150,6 +179,35 @@ int main(int argc, char** argv) {
       return kExitUsage;
     } catch (const std::exception& e) {
       log::error("failed", "error={}", log::value(e.what()));
+      return kExitFailure;
+    }
+  }
+
+  if (reload_cmd->parsed()) {
+    sockshare::Endpoint endpoint;
+    try {
+      if (!reload_control.empty()) {
+        endpoint = sockshare::parse_endpoint(reload_control);
+      } else if (reload_pid > 0) {
+        endpoint = control::default_endpoint(reload_pid, false);
+      } else {
+        std::fprintf(stderr,
+                     "sockshare reload: --control ENDPOINT or --pid PID is required\n"
+                     "Run with --help for more information.\n");
+        return kExitUsage;
+      }
+    } catch (const sockshare::Error& e) {
+      std::fprintf(stderr, "sockshare reload: --control %s: %s\n", reload_control.c_str(),
+                   e.what());
+      return kExitUsage;
+    }
+    try {
+      const auto timeout = std::chrono::milliseconds(static_cast<long long>(reload_timeout * 1000));
+      const std::string outcome = control::request_reload(endpoint, timeout);
+      std::printf("%s\n", outcome.c_str());
+      return std::fflush(stdout) == 0 ? 0 : kExitFailure;
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "sockshare reload: %s: %s\n", endpoint.to_string().c_str(), e.what());
       return kExitFailure;
     }
   }

@@ -26,6 +26,8 @@ struct ServeOptions {
   std::uint32_t max_in_flight = 128;
   std::uint32_t peek_bytes = 0;
   int ready_fd = -1;                 // readiness lines for a parent (docs/SERVE.md)
+  double ready_timeout_s = 10;       // a reload's new generation must be ready within this
+  std::string upgrade_from;  // control endpoint or pid of a running serve to take over from
   std::vector<std::string> command;  // empty: the built-in worker
 };
 

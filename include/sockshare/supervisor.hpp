@@ -84,8 +84,14 @@ struct SupervisorOptions {
   // worker's own listener is kept open by the supervisor across its restarts, so its accept
   // queue is not lost when it crashes.
   bool reuse_port_per_worker = false;
-  // Extra NAME=value environment entries for every worker. LISTEN_*, SOCKSHARE_CHANNEL_FD and
-  // SOCKSHARE_WORKER_INDEX are never copied from the supervisor's own environment.
+  // inherit mode: make the listeners blocking at start(), as systemd passes them. A second
+  // generation started on the same listeners while the first still runs sets this to false:
+  // O_NONBLOCK is shared by every copy (R14), and clearing it under a worker that set it
+  // would leave that worker blocked in accept().
+  bool set_listeners_blocking = true;
+  // Extra NAME=value environment entries for every worker. LISTEN_*, SOCKSHARE_CHANNEL_FD,
+  // SOCKSHARE_WORKER_INDEX and NOTIFY_SOCKET are never copied from the supervisor's own
+  // environment (the supervisor is the process a service manager listens to).
   std::vector<std::string> env = {};
 
   // Restart with exponential backoff: the first restart of a slot waits initial_backoff,
@@ -160,6 +166,19 @@ public:
   void shutdown(std::chrono::milliseconds grace);
   // True once shutdown() was called and every worker has been reaped.
   [[nodiscard]] bool finished() const;
+
+  // Retiring one generation of several that share the dispatcher: like shutdown() (no more
+  // restarts, SIGKILL at the deadline) but the dispatcher keeps its listeners and the other
+  // generations' workers. Every worker gets SIGTERM now; a dispatch worker that honours it
+  // (the built-in one does) stops reading its channel, so what the dispatcher already sent
+  // it and it did not take is still unacknowledged and goes to another worker when it exits.
+  void retire(std::chrono::milliseconds grace);
+
+  // For a caller that drives several supervisors on one dispatcher: the next moment one of
+  // this supervisor's timers (restart, SIGTERM/SIGKILL deadline) is due, and running the
+  // timers that are due. run_once() does both around Dispatcher::run_once().
+  [[nodiscard]] std::chrono::steady_clock::time_point next_timer() const;
+  void run_timers();
 
   // Structured twin of the log line, e.g. for counters or tests.
   std::function<void(const SupervisorEvent&)> on_event;

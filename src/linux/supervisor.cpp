@@ -41,7 +41,10 @@ int send_signal(int pidfd, int sig) { return static_cast<int>(::syscall(SYS_pidf
 bool is_reserved_env(std::string_view entry) {
   static constexpr std::string_view reserved[] = {
       "LISTEN_FDS=", "LISTEN_PID=", "LISTEN_FDNAMES=", "SOCKSHARE_CHANNEL_FD=",
-      "SOCKSHARE_WORKER_INDEX="};
+      "SOCKSHARE_WORKER_INDEX=",
+      // The supervisor is the service manager's main process: a worker that inherited the
+      // manager's notify socket could announce READY=1 or STOPPING=1 on its behalf.
+      "NOTIFY_SOCKET="};
   for (auto prefix : reserved) {
     if (entry.starts_with(prefix)) return true;
   }
@@ -199,7 +202,7 @@ struct Supervisor::Impl {
       // Blocking, as systemd passes them (NonBlocking=no): a program written for socket
       // activation may call a plain accept(). The flag is shared by every copy (R14), so it is
       // set once here, before any worker runs; workers that want O_NONBLOCK set it themselves.
-      set_nonblocking(first.borrow(), false);
+      if (opt.set_listeners_blocking) set_nonblocking(first.borrow(), false);
       const Endpoint bound = local_endpoint(first.borrow());
       endpoints.push_back(bound);
       per_worker.push_back(group);
@@ -340,6 +343,10 @@ struct Supervisor::Impl {
     if (shutting_down) {
       if (finished() && !stopped_reported) {
         stopped_reported = true;
+        // Nothing will be spawned again: our copies of the listeners only cost descriptors
+        // now (the sockets live on in whoever else holds them).
+        shared_listeners.clear();
+        for (auto& s : slots) s.own_listeners.clear();
         log("all workers stopped");
         if (self.on_event) self.on_event({SupervisorEvent::Kind::stopped, 0, 0, -1, {}});
       }
@@ -447,6 +454,8 @@ struct Supervisor::Impl {
     }
   }
 
+  void stop(milliseconds grace, bool drain_dispatcher);
+
   [[nodiscard]] bool finished() const {
     if (!shutting_down) return false;
     return std::none_of(slots.begin(), slots.end(), [](const Slot& s) { return s.running; });
@@ -503,14 +512,23 @@ void Supervisor::run() {
   while (!finished() && !impl_->dispatcher.stopped()) run_once(kForever);
 }
 
-void Supervisor::shutdown(std::chrono::milliseconds grace) {
-  Impl& s = *impl_;
+void Supervisor::shutdown(std::chrono::milliseconds grace) { impl_->stop(grace, true); }
+
+void Supervisor::retire(std::chrono::milliseconds grace) { impl_->stop(grace, false); }
+
+std::chrono::steady_clock::time_point Supervisor::next_timer() const { return impl_->next_timer(); }
+
+void Supervisor::run_timers() { impl_->timers(); }
+
+void Supervisor::Impl::stop(std::chrono::milliseconds grace, bool drain_dispatcher) {
+  Impl& s = *this;
+  const bool drain = drain_dispatcher && s.opt.mode == WorkerMode::dispatch;
   const auto now = Clock::now();
   const auto deadline = now + grace;
   if (s.shutting_down) {
     s.kill_at = std::min(s.kill_at, deadline);
     s.term_at = std::min(s.term_at, deadline);
-    if (s.opt.mode == WorkerMode::dispatch) s.dispatcher.drain(grace);
+    if (drain) s.dispatcher.drain(grace);
     return;
   }
   s.shutting_down = true;
@@ -521,7 +539,7 @@ void Supervisor::shutdown(std::chrono::milliseconds grace) {
     if (slot.running) ++running;
   }
   s.log("stopping " + std::to_string(running) + " worker(s), grace " + std::to_string(grace.count()) + " ms");
-  if (s.opt.mode == WorkerMode::dispatch) {
+  if (drain) {
     // The drain message asks each worker to finish; SIGTERM follows halfway to the deadline
     // for workers that do not read their channel, SIGKILL at the deadline.
     s.dispatcher.drain(grace);

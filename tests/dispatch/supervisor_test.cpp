@@ -268,6 +268,44 @@ TEST_F(SupervisorTest, S6_InheritModeSharedListenerBySystemdConvention) {
   }
 }
 
+// Two generations on one dispatcher and one listener: retiring the first stops only its
+// workers, the second keeps serving on the same socket, and the second generation's start
+// left the shared O_NONBLOCK flag as the first one's workers had set it (R14).
+TEST_F(SupervisorTest, R22_RetiredGenerationStopsWhileTheNextServesTheSameListener) {
+  Fd listener = listen_on(parse_endpoint("127.0.0.1:0"));
+  const Endpoint ep = local_endpoint(listener.borrow());
+  Dispatcher d;
+  auto first_options = options(helper_argv("sup_inherit"), 2);
+  first_options.mode = WorkerMode::inherit;
+  first_options.listeners.push_back(
+      {.name = "web", .socket = Fd(::fcntl(listener.get(), F_DUPFD_CLOEXEC, 3)), .endpoint = ep});
+  Supervisor first(d, std::move(first_options));
+  first.start();
+  set_nonblocking(listener.borrow(), true);  // as a worker that polls would
+  auto second_options = options(helper_argv("sup_inherit"), 2);
+  second_options.mode = WorkerMode::inherit;
+  second_options.set_listeners_blocking = false;
+  second_options.listeners.push_back(
+      {.name = "web", .socket = Fd(::fcntl(listener.get(), F_DUPFD_CLOEXEC, 3)), .endpoint = ep});
+  Supervisor second(d, std::move(second_options));
+  record(second);
+  second.start();
+  EXPECT_NE(::fcntl(listener.get(), F_GETFL) & O_NONBLOCK, 0);
+  std::set<std::string> second_pids;
+  for (const auto& w : second.status()) second_pids.insert(std::to_string(w.pid));
+  first.retire(5s);
+  ASSERT_TRUE(spin(second, [&] { return first.finished(); }));
+  EXPECT_FALSE(second.finished());
+  for (int i = 0; i < 6; ++i) {
+    Client c(ep, "");
+    ASSERT_TRUE(spin(second, [&] { return c.advance(); }));
+    EXPECT_EQ(second_pids.count(c.field("pid")), 1u) << c.reply();
+  }
+  EXPECT_EQ(count(SupervisorEvent::Kind::exited), 0);  // the retirement touched only the first
+  second.shutdown(5s);
+  ASSERT_TRUE(spin(second, [&] { return second.finished(); }));
+}
+
 TEST_F(SupervisorTest, S6_InheritModeOneReusePortListenerPerWorker) {
   auto o = options(helper_argv("sup_inherit"), 2);
   o.mode = WorkerMode::inherit;
