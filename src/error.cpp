@@ -34,7 +34,9 @@ ErrorKind kind_from_errno(int err) noexcept {
     case ENFILE:
     case ENOBUFS:
     case ENOMEM:
+#ifdef ETOOMANYREFS  // not in the Windows C runtime
     case ETOOMANYREFS:
+#endif
       return ErrorKind::overloaded;
     case EPIPE:
     case ECONNRESET:
@@ -58,7 +60,9 @@ ErrorKind kind_from_errno(int err) noexcept {
 }
 
 std::string errno_name(int err) {
+#ifndef _WIN32  // strerrorname_np is glibc's
   if (const char* name = strerrorname_np(err)) return name;
+#endif
   return "errno " + std::to_string(err);
 }
 
@@ -70,7 +74,11 @@ std::string compose(ErrorKind kind, int err, const std::string& operation,
   if (err != 0) {
     text += errno_name(err);
     text += " (";
+#ifdef _WIN32
+    text += std::strerror(err);
+#else
     text += strerrordesc_np(err) ? strerrordesc_np(err) : "unknown error";
+#endif
     text += ")";
   } else {
     text += to_string(kind);
