@@ -10,7 +10,11 @@ case $build in /*) ;; *) build=$root/$build ;; esac
 
 if ! command -v x86_64-w64-mingw32-g++-posix >/dev/null || [ ! -x /usr/lib/wine/wine64 ]; then
   echo "== installing mingw-w64 and wine64"
-  apt-get install -y --no-install-recommends g++-mingw-w64-x86-64-posix wine64 >/dev/null
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends \
+    g++-mingw-w64-x86-64-posix wine64 >/dev/null
 fi
 
 wine=/usr/lib/wine/wine64
