@@ -1,6 +1,8 @@
 // SocketInfo's binary layout and printable form. Platform-neutral: the Windows backend will
 // carry the same envelope.
+#ifndef _WIN32
 #include <sys/socket.h>
+#endif
 #include <time.h>
 
 #include <algorithm>
@@ -268,9 +270,19 @@ SocketInfo SocketInfo::from_bytes(std::span<const std::byte> bytes) {
   // so the text always fits sun_path with its terminator or leading NUL).
   const auto end = std::find(info.endpoint.begin(), info.endpoint.end(), '\0');
   if (end == info.endpoint.end()) bad(op, "endpoint not terminated");
+#ifdef _WIN32
+  // The Windows backend serves grants on a local named pipe (docs/WINDOWS.md).
+  constexpr std::string_view pipe_prefix = "\\\\.\\pipe\\";
+  if (std::string_view(info.endpoint.data(), static_cast<std::size_t>(end - info.endpoint.begin()))
+              .substr(0, pipe_prefix.size()) != pipe_prefix ||
+      static_cast<std::size_t>(end - info.endpoint.begin()) <= pipe_prefix.size()) {
+    bad(op, "endpoint must be a local named pipe \\\\.\\pipe\\name");
+  }
+#else
   if (end - info.endpoint.begin() < 2 || (info.endpoint[0] != '@' && info.endpoint[0] != '/')) {
     bad(op, "endpoint must be @name or /path");
   }
+#endif
   if (std::any_of(end, info.endpoint.end(), [](char c) { return c != '\0'; })) {
     bad(op, "endpoint padding not zero");
   }

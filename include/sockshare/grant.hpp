@@ -97,6 +97,7 @@ struct SocketInfo {
 };
 static_assert(std::is_trivially_copyable_v<SocketInfo>);
 
+#ifndef _WIN32  // the Windows backend has its own: <sockshare/windows/grant.hpp>
 // The process a grant is for. A pidfd names it race-free; a bare pid is resolved to a pidfd
 // immediately (the usual pid caveat applies between learning the pid and this call).
 class Target {
@@ -124,6 +125,8 @@ struct GrantOptions {
   bool direct = false;
 };
 
+#endif  // _WIN32
+
 enum class GrantOutcome : std::uint8_t {
   redeemed,       // the target acknowledged receipt
   refused,        // presented by the wrong process: the grant is gone (single use)
@@ -136,6 +139,7 @@ enum class GrantOutcome : std::uint8_t {
 };
 [[nodiscard]] std::string_view to_string(GrantOutcome outcome) noexcept;
 
+#ifndef _WIN32
 // Reported once per grant when it leaves the server. For a move grant that was not
 // redeemed, `returned` holds the source's descriptor so nothing is lost silently; if the
 // callback leaves it there it is closed.
@@ -273,6 +277,8 @@ struct RedeemOptions {
 // variable unset. Reads and changes the environment: call it before starting threads that
 // might call setenv.
 [[nodiscard]] SocketInfo inherited_info(std::string_view name = "SOCKSHARE_INFO");
+
+#endif  // _WIN32
 
 // The grant protocol on the channel (docs/GRANTS.md). Types live in sockshare's reserved
 // range 0x8100-0x81FF. All integers little-endian.
