@@ -1,5 +1,5 @@
-// SocketInfo's binary layout and printable form. Platform-neutral: the Windows backend will
-// carry the same envelope.
+// SocketInfo's binary layout and printable form. Platform-neutral: the Windows backend
+// carries the same envelope, with a named pipe as its endpoint.
 #ifndef _WIN32
 #include <sys/socket.h>
 #endif

@@ -201,14 +201,19 @@ class GrantServer {
   // duplicate for share, the moved socket for move), or nullopt if the grant is unknown,
   // already presented, expired or revoked. No GrantEvent is reported for it. For a direct
   // grant the number named in the info is closed here and the returned descriptor is a
-  // fresh duplicate under another number, so a direct redemption can no longer take it
-  // (if that duplicate cannot be made, at EMFILE, the returned Fd is empty).
+  // fresh duplicate under another number, so a direct redemption can no longer take it. If
+  // that duplicate cannot be made (EMFILE), throws overloaded and the grant stays as it was.
   std::optional<Fd> revoke(const SocketInfo& info);
 
   // Pollable for POLLIN whenever process_events() has work (connections, messages, expiry,
   // a target's exit).
   [[nodiscard]] BorrowedFd native_handle() const noexcept;
-  // Handles everything that is ready without blocking; returns the number of events.
+  // Handles everything that is ready without blocking; returns the number of events. A
+  // failure while handling one event does not stop the others, expiry or the delivery of
+  // every GrantEvent collected; the first such failure (or on_event exception) is thrown
+  // after that. Connections that cannot be accepted or served are dropped and the listener
+  // rests briefly, so a persistent error does not make the handle poll readable again at
+  // once.
   std::size_t process_events();
 
   [[nodiscard]] const Endpoint& endpoint() const noexcept;
@@ -273,9 +278,10 @@ struct RedeemOptions {
 [[nodiscard]] Fd redeem(const SocketInfo& info, const RedeemOptions& options = {});
 
 // Reads an info text from environment variable `name`, or, if `name`_FD is set instead (the
-// spawn helper's pipe passing), one line from that descriptor, which is then closed and the
-// variable unset. Reads and changes the environment: call it before starting threads that
-// might call setenv.
+// spawn helper's pipe passing), one line from that descriptor, which is made close-on-exec
+// first and then closed, and the variable unset. Throws invalid_input when the variable
+// names a standard stream (0-2). Reads and changes the environment: call it before starting
+// threads that might call setenv.
 [[nodiscard]] SocketInfo inherited_info(std::string_view name = "SOCKSHARE_INFO");
 
 #endif  // _WIN32

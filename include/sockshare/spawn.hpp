@@ -1,7 +1,9 @@
 // The commonest grant: a parent hands a socket to a child it starts. The child is created
 // with clone3(CLONE_PIDFD), so the grant is bound to the child's pidfd with no window in
-// which the pid could name another process; the info reaches the child in argv, the
-// environment or a pipe.
+// which the pid could name another process. Where seccomp refuses clone3 (ENOSYS or EPERM,
+// as container runtimes do) it is fork() + pidfd_open instead, with the child held before
+// exec until the parent has its pidfd. The info reaches the child in argv, the environment
+// or a pipe.
 #pragma once
 
 #include <sys/types.h>

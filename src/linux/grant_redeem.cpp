@@ -1,10 +1,12 @@
 // The target side of duplicate/redeem: WSASocket(FROM_PROTOCOL_INFO) on Linux.
+#include <fcntl.h>
 #include <poll.h>
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
@@ -440,6 +442,17 @@ SocketInfo inherited_info(std::string_view name) {
     throw Error(ErrorKind::invalid_input, 0, "inherited_info(" + fd_var + ")",
                 "not a descriptor number");
   }
+  // spawn_with_socket never names a standard stream, and owning one here would close it.
+  if (number < 3) {
+    throw Error(ErrorKind::invalid_input, 0, "inherited_info(" + fd_var + "=" + fd_text + ")",
+                "descriptors 0-2 are standard streams, not an info pipe");
+  }
+  // Close-on-exec before anything else: until then another thread's fork + exec would hand
+  // the info to a program it was not meant for.
+  if (::fcntl(static_cast<int>(number), F_SETFD, FD_CLOEXEC) != 0) {
+    const int err = errno;
+    sys::throw_errno("inherited_info(" + fd_var + "=" + fd_text + "): fcntl(F_SETFD)", err);
+  }
   Fd fd(static_cast<int>(number));
   // Whatever we read, the variable must not point at a closed (and later reused) number.
   ::unsetenv(fd_var.c_str());
@@ -447,7 +460,10 @@ SocketInfo inherited_info(std::string_view name) {
   char buffer[512];
   while (text.size() < SocketInfo::kTextSize + 2 && text.find('\n') == std::string::npos) {
     const ssize_t n = sys::retry_eintr([&] { return ::read(fd.get(), buffer, sizeof buffer); });
-    if (n < 0) sys::throw_errno("read(fd " + std::to_string(fd.get()) + ", socket info)");
+    if (n < 0) {
+      const int err = errno;
+      sys::throw_errno("read(fd " + std::to_string(fd.get()) + ", socket info)", err);
+    }
     if (n == 0) break;
     text.append(buffer, static_cast<std::size_t>(n));
   }

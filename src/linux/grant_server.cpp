@@ -11,6 +11,7 @@
 #include <unistd.h>
 
 #include <cstring>
+#include <exception>
 #include <mutex>
 #include <thread>
 #include <unordered_map>
@@ -25,6 +26,11 @@ namespace sockshare {
 namespace {
 
 namespace gp = grant_protocol;
+
+// How long the listener rests after accept fails for a reason other than a connection's own
+// (R21), and the background thread after process_events() throws.
+constexpr std::uint64_t kRetryPauseNs = 50'000'000U;
+constexpr int kRetryPauseMs = 50;
 
 enum class Tag : std::uint64_t { listener = 1, session = 2, grant = 3, timer = 4 };
 constexpr int kTagShift = 56;
@@ -73,7 +79,10 @@ std::string random_hex(std::size_t bytes) {
   while (got < bytes) {
     const ssize_t n =
         sys::retry_eintr([&] { return ::getrandom(raw.data() + got, bytes - got, 0); });
-    if (n < 0) sys::throw_errno("getrandom(" + std::to_string(bytes) + " bytes)");
+    if (n < 0) {
+      const int err = errno;
+      sys::throw_errno("getrandom(" + std::to_string(bytes) + " bytes)", err);
+    }
     got += static_cast<std::size_t>(n);
   }
   static constexpr char kHex[] = "0123456789abcdef";
@@ -87,8 +96,11 @@ std::string random_hex(std::size_t bytes) {
 
 Fd dup_cloexec(BorrowedFd fd, const std::string& what) {
   const int copy = ::fcntl(fd.get(), F_DUPFD_CLOEXEC, 0);
-  if (copy < 0)
-    sys::throw_errno("fcntl(" + what + " fd " + std::to_string(fd.get()) + ", F_DUPFD_CLOEXEC)");
+  if (copy < 0) {
+    const int err = errno;
+    sys::throw_errno("fcntl(" + what + " fd " + std::to_string(fd.get()) + ", F_DUPFD_CLOEXEC)",
+                     err);
+  }
   return Fd(copy);
 }
 
@@ -138,9 +150,11 @@ class GrantServer::Impl {
   void reap(Events& events);
   void rearm_timer();
   void set_listener_events(std::uint32_t wanted);
+  void pause_listener();
+  void handle(const epoll_event& ready, Events& events);
   bool send(Session& session, std::uint16_t type, std::span<const std::byte> payload,
             std::span<const BorrowedFd> fds = {});
-  void deliver(Events& events);
+  std::exception_ptr deliver(Events& events);
 
   mutable std::mutex mutex_;
   std::unordered_map<std::uint64_t, Grant> grants_;
@@ -168,22 +182,33 @@ GrantServer::Impl::Impl(GrantServerOptions options) : options_(std::move(options
   }
   listener_ = ChannelListener::listen(endpoint, 128, 0600);
   epoll_ = Fd(::epoll_create1(EPOLL_CLOEXEC));
-  if (!epoll_.valid()) sys::throw_errno("epoll_create1");
+  if (!epoll_.valid()) {
+    const int err = errno;
+    sys::throw_errno("epoll_create1", err);
+  }
   timer_ = Fd(::timerfd_create(CLOCK_MONOTONIC, TFD_CLOEXEC | TFD_NONBLOCK));
-  if (!timer_.valid()) sys::throw_errno("timerfd_create(CLOCK_MONOTONIC)");
+  if (!timer_.valid()) {
+    const int err = errno;
+    sys::throw_errno("timerfd_create(CLOCK_MONOTONIC)", err);
+  }
   epoll_event ev{};
   ev.events = EPOLLIN;
   ev.data.u64 = tag(Tag::listener, 0);
   if (::epoll_ctl(epoll_.get(), EPOLL_CTL_ADD, listener_.native_handle().get(), &ev) != 0) {
-    sys::throw_errno("epoll_ctl(ADD grant listener)");
+    const int err = errno;
+    sys::throw_errno("epoll_ctl(ADD grant listener)", err);
   }
   ev.data.u64 = tag(Tag::timer, 0);
   if (::epoll_ctl(epoll_.get(), EPOLL_CTL_ADD, timer_.get(), &ev) != 0) {
-    sys::throw_errno("epoll_ctl(ADD grant timer)");
+    const int err = errno;
+    sys::throw_errno("epoll_ctl(ADD grant timer)", err);
   }
   if (options_.background_thread) {
     wake_ = Fd(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
-    if (!wake_.valid()) sys::throw_errno("eventfd");
+    if (!wake_.valid()) {
+      const int err = errno;
+      sys::throw_errno("eventfd", err);
+    }
     thread_ = std::thread([this] { serve_loop(); });
   }
 }
@@ -213,7 +238,8 @@ GrantServer::Impl::~Impl() {
     }
     sessions_.clear();
   }
-  deliver(events);
+  // A destructor cannot report a callback's exception; the other events are still delivered.
+  (void)deliver(events);
 }
 
 void GrantServer::Impl::serve_loop() {
@@ -225,9 +251,13 @@ void GrantServer::Impl::serve_loop() {
     try {
       process_events();
     } catch (const std::exception&) {
-      // Per-connection failures are handled inside; what reaches here is epoll_wait failing
-      // (transient) or an exception from on_event. Keep serving rather than take the
-      // process down from a thread nobody can catch on.
+      // Per-event failures are handled inside and every collected event was delivered;
+      // what reaches here is epoll_wait or the timer failing, or an on_event callback
+      // throwing. Keep serving rather than take the process down from a thread nobody can
+      // catch on, but not at once: whatever failed may still be readable, and retrying
+      // immediately would spin. The wake descriptor still ends the wait.
+      pollfd wake{wake_.get(), POLLIN, 0};
+      if (sys::retry_eintr([&] { return ::poll(&wake, 1, kRetryPauseMs); }) > 0) return;
     }
   }
 }
@@ -282,7 +312,10 @@ SocketInfo GrantServer::Impl::add(Fd socket, ShareMode mode, const Target& targe
   while (got < info.token.size()) {
     const ssize_t n = sys::retry_eintr(
         [&] { return ::getrandom(info.token.data() + got, info.token.size() - got, 0); });
-    if (n < 0) sys::throw_errno("getrandom(16 bytes)");
+    if (n < 0) {
+      const int err = errno;
+      sys::throw_errno("getrandom(16 bytes)", err);
+    }
     got += static_cast<std::size_t>(n);
   }
   const std::string endpoint = listener_.endpoint().kind == Endpoint::Kind::unix_abstract
@@ -312,7 +345,8 @@ SocketInfo GrantServer::Impl::add(Fd socket, ShareMode mode, const Target& targe
   ev.events = EPOLLIN;
   ev.data.u64 = tag(Tag::grant, gid);
   if (::epoll_ctl(epoll_.get(), EPOLL_CTL_ADD, target_pidfd.get(), &ev) != 0) {
-    sys::throw_errno("epoll_ctl(ADD target pidfd " + std::to_string(target_pidfd.get()) + ")");
+    const int err = errno;
+    sys::throw_errno("epoll_ctl(ADD target pidfd " + std::to_string(target_pidfd.get()) + ")", err);
   }
   grants_.emplace(gid, Grant{info, std::move(socket), std::move(target_pidfd)});
   rearm_timer();
@@ -323,17 +357,31 @@ std::optional<Fd> GrantServer::Impl::revoke(const SocketInfo& info) {
   std::lock_guard lock(mutex_);
   for (auto it = grants_.begin(); it != grants_.end(); ++it) {
     if (tokens_equal(it->second.info.token, info.token)) {
+      Fd handed_back;
+      if ((it->second.info.flags & SocketInfo::kFlagDirect) != 0) {
+        // The number in the info must stop naming the socket, whatever the caller does with
+        // the descriptor handed back: duplicate it elsewhere first, then close it. Without
+        // the duplicate (EMFILE) nothing changes: closing the grant's copy would leave the
+        // caller nothing to hold, so the grant stays and the caller may retry.
+        const int copy = ::fcntl(it->second.socket.get(), F_DUPFD_CLOEXEC, 0);
+        if (copy < 0) {
+          const int err = errno;
+          throw Error(ErrorKind::overloaded, err,
+                      "revoke(direct grant fd " + std::to_string(it->second.socket.get()) + ")",
+                      "cannot duplicate the socket under another number; the grant stays");
+        }
+        handed_back = Fd(copy);
+      }
       Grant grant = std::move(it->second);
       grants_.erase(it);
       remove_grant_watch(grant);
-      rearm_timer();
-      if ((grant.info.flags & SocketInfo::kFlagDirect) != 0) {
-        // The number in the info must stop naming the socket, whatever the caller does with
-        // the descriptor handed back: duplicate it elsewhere first, then close it.
-        const int copy = ::fcntl(grant.socket.get(), F_DUPFD_CLOEXEC, 0);
-        grant.socket.reset();
-        return Fd(copy);
+      try {
+        rearm_timer();
+      } catch (const Error&) {
+        // A timer left armed for the grant just gone only wakes the server early, and the
+        // next process_events() rearms it; the descriptor must reach the caller regardless.
       }
+      if (handed_back.valid()) return handed_back;
       return std::move(grant.socket);
     }
   }
@@ -350,48 +398,80 @@ void GrantServer::Impl::remove_grant_watch(Grant& grant) {
 std::size_t GrantServer::Impl::process_events() {
   Events events;
   std::size_t handled = 0;
+  std::exception_ptr failure;
+  auto keep_first = [&] {
+    if (!failure) failure = std::current_exception();
+  };
   {
     std::lock_guard lock(mutex_);
     epoll_event ready[32];
     const int n = sys::retry_eintr([&] { return ::epoll_wait(epoll_.get(), ready, 32, 0); });
-    if (n < 0) sys::throw_errno("epoll_wait(grant server)");
-    for (int i = 0; i < n; ++i) {
-      const auto kind = static_cast<Tag>(ready[i].data.u64 >> kTagShift);
-      const std::uint64_t id = ready[i].data.u64 & ((std::uint64_t{1} << kTagShift) - 1);
-      ++handled;
-      switch (kind) {
-        case Tag::listener:
-          accept_ready(events);
-          break;
-        case Tag::session:
-          session_ready(id, events);
-          break;
-        case Tag::grant: {
-          auto it = grants_.find(id);
-          if (it == grants_.end()) break;
-          Grant grant = std::move(it->second);
-          grants_.erase(it);
-          remove_grant_watch(grant);
-          ++stats_.target_exited;
-          const bool direct = (grant.info.flags & SocketInfo::kFlagDirect) != 0;
-          finish(std::move(grant), GrantOutcome::target_exited,
-                 direct ? "the target exited (it may have redeemed the grant directly)"
-                        : "the target exited before redeeming",
-                 events);
-          break;
-        }
-        case Tag::timer: {
-          std::uint64_t expirations = 0;
-          (void)!::read(timer_.get(), &expirations, sizeof expirations);
-          break;
-        }
+    if (n < 0) {
+      const int err = errno;
+      try {
+        sys::throw_errno("epoll_wait(grant server)", err);
+      } catch (...) {
+        keep_first();
       }
     }
-    reap(events);
-    rearm_timer();
+    // One event's failure must not cost the others theirs: each is handled on its own, and
+    // expiry, deadlines and the timer are taken care of whatever happened above. A move
+    // grant's socket travels in `events`, so dropping them would close it unreported.
+    for (int i = 0; i < n; ++i) {
+      ++handled;
+      try {
+        handle(ready[i], events);
+      } catch (...) {
+        keep_first();
+      }
+    }
+    try {
+      reap(events);
+    } catch (...) {
+      keep_first();
+    }
+    try {
+      rearm_timer();
+    } catch (...) {
+      keep_first();
+    }
   }
-  deliver(events);
+  const std::exception_ptr callback_failure = deliver(events);
+  if (failure) std::rethrow_exception(failure);
+  if (callback_failure) std::rethrow_exception(callback_failure);
   return handled;
+}
+
+void GrantServer::Impl::handle(const epoll_event& ready, Events& events) {
+  const auto kind = static_cast<Tag>(ready.data.u64 >> kTagShift);
+  const std::uint64_t id = ready.data.u64 & ((std::uint64_t{1} << kTagShift) - 1);
+  switch (kind) {
+    case Tag::listener:
+      accept_ready(events);
+      break;
+    case Tag::session:
+      session_ready(id, events);
+      break;
+    case Tag::grant: {
+      auto it = grants_.find(id);
+      if (it == grants_.end()) break;
+      Grant grant = std::move(it->second);
+      grants_.erase(it);
+      remove_grant_watch(grant);
+      ++stats_.target_exited;
+      const bool direct = (grant.info.flags & SocketInfo::kFlagDirect) != 0;
+      finish(std::move(grant), GrantOutcome::target_exited,
+             direct ? "the target exited (it may have redeemed the grant directly)"
+                    : "the target exited before redeeming",
+             events);
+      break;
+    }
+    case Tag::timer: {
+      std::uint64_t expirations = 0;
+      (void)!::read(timer_.get(), &expirations, sizeof expirations);
+      break;
+    }
+  }
 }
 
 void GrantServer::Impl::accept_ready(Events& events) {
@@ -399,12 +479,12 @@ void GrantServer::Impl::accept_ready(Events& events) {
     std::optional<Channel> channel;
     try {
       channel = listener_.try_accept();
-    } catch (const Error& e) {
-      if (e.kind() != ErrorKind::overloaded) throw;
-      // R21: at EMFILE the connection stays queued and the listener stays readable; stop
-      // watching it for a moment instead of spinning.
-      listener_resume_ns_ = now_ns() + 50'000'000U;
-      set_listener_events(0);
+    } catch (const Error&) {
+      // R21: at EMFILE the connection stays queued and the listener stays readable, and so
+      // it does after any other failure that is not the connection's own (those, like
+      // ECONNABORTED, try_accept absorbs). Stop watching it for a moment instead of
+      // spinning; the timer brings it back.
+      pause_listener();
       return;
     }
     if (!channel) return;
@@ -430,13 +510,22 @@ void GrantServer::Impl::accept_ready(Events& events) {
     ev.events = EPOLLIN;
     ev.data.u64 = tag(Tag::session, sid);
     if (::epoll_ctl(epoll_.get(), EPOLL_CTL_ADD, session.channel.native_handle().get(), &ev) != 0) {
-      sys::throw_errno("epoll_ctl(ADD grant session)");
+      // ENOMEM or the max_user_watches limit: this connection cannot be served (it closes
+      // here, which the redeemer sees as the source going away), and the next would fare
+      // no better right now.
+      pause_listener();
+      return;
     }
     sessions_.emplace(sid, std::move(session));
     // The request is often queued already: serve it now and save a trip through epoll.
     session_ready(sid, events);
   }
   if (sessions_.size() >= options_.max_sessions) set_listener_events(0);
+}
+
+void GrantServer::Impl::pause_listener() {
+  listener_resume_ns_ = now_ns() + kRetryPauseNs;
+  set_listener_events(0);
 }
 
 void GrantServer::Impl::set_listener_events(std::uint32_t wanted) {
@@ -495,7 +584,8 @@ bool GrantServer::Impl::on_message(Session& session, const Message& message, Eve
       Grant grant = std::move(found->second);
       grants_.erase(found);
       remove_grant_watch(grant);
-      const SocketInfo& info = grant.info;
+      // A copy: `grant` is moved into the session below and read from after that.
+      const SocketInfo info = grant.info;
       const bool match =
           info.target_inode != 0 && session.peer.inode != 0
               ? session.peer.inode == info.target_inode
@@ -646,13 +736,23 @@ void GrantServer::Impl::rearm_timer() {
   }
   // A time already past fires immediately, which is what a due expiry wants.
   if (::timerfd_settime(timer_.get(), TFD_TIMER_ABSTIME, &spec, nullptr) != 0) {
-    sys::throw_errno("timerfd_settime(grant expiry)");
+    const int err = errno;
+    sys::throw_errno("timerfd_settime(grant expiry)", err);
   }
 }
 
-void GrantServer::Impl::deliver(Events& events) {
-  if (!options_.on_event) return;
-  for (auto& event : events) options_.on_event(event);
+std::exception_ptr GrantServer::Impl::deliver(Events& events) {
+  std::exception_ptr failure;
+  if (!options_.on_event) return failure;
+  // A callback that throws does not cost the remaining events their report.
+  for (auto& event : events) {
+    try {
+      options_.on_event(event);
+    } catch (...) {
+      if (!failure) failure = std::current_exception();
+    }
+  }
+  return failure;
 }
 
 GrantServerStats GrantServer::Impl::stats() const {

@@ -4,6 +4,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <cerrno>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -29,6 +30,8 @@ struct CloneArgs {
 };
 static_assert(sizeof(CloneArgs) == 64);
 constexpr std::uint64_t kClonePidfd = 0x1000;
+// waitid's P_PIDFD (Linux 5.4), missing from older C library headers.
+constexpr int kPidfdIdType = 3;
 
 bool named(const char* entry, const std::string& name) {
   return std::strncmp(entry, name.c_str(), name.size()) == 0 && entry[name.size()] == '=';
@@ -45,7 +48,8 @@ SpawnedChild spawn_with_socket(GrantServer& server, BorrowedFd socket, const Chi
   // died early is EPIPE (MSG_NOSIGNAL), not SIGPIPE.
   int pair[2];
   if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, pair) != 0) {
-    sys::throw_errno(op + ": socketpair");
+    const int err = errno;
+    sys::throw_errno(op + ": socketpair", err);
   }
   Fd parent_end(pair[0]);
   Fd child_end(pair[1]);
@@ -80,14 +84,17 @@ SpawnedChild spawn_with_socket(GrantServer& server, BorrowedFd socket, const Chi
     slot = envs.back().data() + spec.info_name.size() + 1;
   const int info_fd = child_end.get();
 
-  int pidfd = -1;
-  CloneArgs clone_args{};
-  clone_args.flags = kClonePidfd;
-  clone_args.pidfd = reinterpret_cast<std::uintptr_t>(&pidfd);
-  clone_args.exit_signal = SIGCHLD;
-  const long pid = ::syscall(SYS_clone3, &clone_args, sizeof clone_args);
-  if (pid < 0) sys::throw_errno(op + ": clone3(CLONE_PIDFD)");
-  if (pid == 0) {
+  // Async-signal-safe calls only: the child may be a fork() of a multithreaded process.
+  // `gated`: wait for one byte first, which the parent sends once it holds the pidfd.
+  const int parent_fd = parent_end.get();
+  auto run_child = [&](bool gated) {
+    // Without the parent's end in here too, a parent that gives up (or dies) leaves the
+    // reads below at end of file instead of waiting forever.
+    ::close(parent_fd);
+    if (gated) {
+      char go = 0;
+      if (sys::retry_eintr([&] { return ::read(info_fd, &go, 1); }) != 1) ::_exit(127);
+    }
     if (slot != nullptr) {
       std::size_t got = 0;
       while (got < SocketInfo::kTextSize) {
@@ -101,13 +108,64 @@ SpawnedChild spawn_with_socket(GrantServer& server, BorrowedFd socket, const Chi
     }
     ::execve(argp[0], argp.data(), envp.data());
     ::_exit(127);
+  };
+
+  int pidfd = -1;
+  CloneArgs clone_args{};
+  clone_args.flags = kClonePidfd;
+  clone_args.pidfd = reinterpret_cast<std::uintptr_t>(&pidfd);
+  clone_args.exit_signal = SIGCHLD;
+  long pid = ::syscall(SYS_clone3, &clone_args, sizeof clone_args);
+  if (pid == 0) run_child(false);
+  // Container seccomp profiles (Docker's default among them) answer clone3 with ENOSYS or
+  // EPERM, because its flags sit behind a pointer a filter cannot inspect.
+  const bool forked = pid < 0 && (errno == ENOSYS || errno == EPERM);
+  if (forked) {
+    pid = ::fork();
+    if (pid == 0) run_child(true);
+  }
+  if (pid < 0) {
+    const int err = errno;
+    sys::throw_errno(op + (forked ? ": fork" : ": clone3(CLONE_PIDFD)"), err);
   }
 
   SpawnedChild child;
   child.pid = static_cast<pid_t>(pid);
-  child.pidfd = Fd(pidfd);
   child_end.reset();
   try {
+    if (forked) {
+      // The child is blocked on the gate, unreaped and cannot exit by itself, so its pid
+      // still names it: pidfd_open is race-free. Only then may it go on to exec.
+      const long opened = ::syscall(SYS_pidfd_open, child.pid, 0);
+      if (opened < 0) {
+        const int err = errno;
+        sys::throw_errno(op + ": pidfd_open(child " + std::to_string(pid) + ")", err);
+      }
+      child.pidfd = Fd(static_cast<int>(opened));
+      // Killed from outside before pidfd_open, with SIGCHLD ignored (auto-reap), the pid
+      // could already name a stranger; waitid(P_PIDFD) answers ECHILD for anything not ours.
+      siginfo_t state{};
+      const auto by_pidfd = static_cast<idtype_t>(kPidfdIdType);
+      const auto pidfd_id = static_cast<id_t>(child.pidfd.get());
+      if (sys::retry_eintr([&] {
+            return ::waitid(by_pidfd, pidfd_id, &state, WEXITED | WNOHANG | WNOWAIT);
+          }) != 0) {
+        const int err = errno;
+        child.pidfd.reset();
+        if (err == ECHILD) {
+          throw Error(ErrorKind::peer_gone, ECHILD, op,
+                      "child " + std::to_string(pid) + " vanished before it could be granted");
+        }
+        sys::throw_errno(op + ": waitid(P_PIDFD, child " + std::to_string(pid) + ")", err);
+      }
+      const char go = 'g';
+      if (sys::retry_eintr([&] { return ::send(parent_end.get(), &go, 1, MSG_NOSIGNAL); }) != 1) {
+        const int err = errno;
+        sys::throw_errno(op + ": send(gate to child " + std::to_string(pid) + ")", err);
+      }
+    } else {
+      child.pidfd = Fd(pidfd);
+    }
     child.info = server.duplicate(socket, Target::pidfd(child.pidfd.borrow()), spec.grant);
     std::string text = child.info.format();
     if (spec.passing == InfoPassing::pipe) text += '\n';
@@ -116,13 +174,18 @@ SpawnedChild spawn_with_socket(GrantServer& server, BorrowedFd socket, const Chi
       const ssize_t n = sys::retry_eintr([&] {
         return ::send(parent_end.get(), text.data() + sent, text.size() - sent, MSG_NOSIGNAL);
       });
-      if (n < 0) sys::throw_errno(op + ": send(info to child " + std::to_string(pid) + ")");
+      if (n < 0) {
+        const int err = errno;
+        sys::throw_errno(op + ": send(info to child " + std::to_string(pid) + ")", err);
+      }
       sent += static_cast<std::size_t>(n);
     }
   } catch (...) {
-    // The child is ours and unreaped, so its pid cannot have been reused: kill and reap it.
     parent_end.reset();
-    ::kill(child.pid, SIGKILL);
+    // clone3's child, or a forked one we hold a pidfd for, is certainly ours and unreaped,
+    // so its pid cannot have been reused: kill and reap it. A forked child without a pidfd might not be (see waitid above); the closed
+    // gate ends ours by itself, and waitpid can only reap our own children.
+    if (child.pidfd.valid() || !forked) ::kill(child.pid, SIGKILL);
     sys::retry_eintr([&] { return ::waitpid(child.pid, nullptr, 0); });
     throw;
   }

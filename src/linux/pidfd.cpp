@@ -51,7 +51,10 @@ Identity identify_from_proc(int fd) {
   Identity id;
   const std::string path = "/proc/self/fdinfo/" + std::to_string(fd);
   std::FILE* file = std::fopen(path.c_str(), "re");
-  if (file == nullptr) sys::throw_errno("fopen(" + path + ")");
+  if (file == nullptr) {
+    const int err = errno;
+    sys::throw_errno("fopen(" + path + ")", err);
+  }
   char line[256];
   long pid = 0;
   bool found = false;
@@ -70,7 +73,10 @@ Identity identify_from_proc(int fd) {
   id.pid = static_cast<pid_t>(pid);
   struct stat st {};
   const std::string proc = "/proc/" + std::to_string(pid);
-  if (::stat(proc.c_str(), &st) != 0) sys::throw_errno("stat(" + proc + ")");
+  if (::stat(proc.c_str(), &st) != 0) {
+    const int err = errno;
+    sys::throw_errno("stat(" + proc + ")", err);
+  }
   id.uid = st.st_uid;
   return id;
 }
@@ -92,7 +98,8 @@ std::optional<Fd> try_open(pid_t pid) {
   const long fd = ::syscall(SYS_pidfd_open, pid, 0);
   if (fd < 0) {
     if (errno == ESRCH) return std::nullopt;
-    sys::throw_errno("pidfd_open(" + std::to_string(pid) + ")");
+    const int err = errno;
+    sys::throw_errno("pidfd_open(" + std::to_string(pid) + ")", err);
   }
   return Fd(static_cast<int>(fd));
 }
@@ -110,12 +117,16 @@ Identity identify(BorrowedFd pidfd) {
   } else if (errno == ENOTTY || errno == EINVAL || errno == EOPNOTSUPP) {
     id = identify_from_proc(fd);
   } else {
-    sys::throw_errno(op("PIDFD_GET_INFO", fd));
+    const int err = errno;
+    sys::throw_errno(op("PIDFD_GET_INFO", fd), err);
   }
   struct statfs fs {};
   if (::fstatfs(fd, &fs) == 0 && static_cast<unsigned long>(fs.f_type) == PID_FS_MAGIC) {
     struct stat st {};
-    if (::fstat(fd, &st) != 0) sys::throw_errno(op("fstat", fd));
+    if (::fstat(fd, &st) != 0) {
+      const int err = errno;
+      sys::throw_errno(op("fstat", fd), err);
+    }
     id.inode = st.st_ino;
   }
   return id;

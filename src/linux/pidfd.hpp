@@ -16,7 +16,7 @@ namespace sockshare::pidfd {
 // 6.9, every pidfd shares one anonymous inode and identity falls back to pid + uid).
 struct Identity {
   pid_t pid = 0;
-  uid_t uid = 0;
+  uid_t uid = 0;  // effective
   std::uint64_t inode = 0;
 };
 
@@ -25,8 +25,12 @@ struct Identity {
 // Like open(), but nullopt when the process does not exist.
 [[nodiscard]] std::optional<Fd> try_open(pid_t pid);
 
-// pid, real uid and pidfs inode of the process behind `pidfd` (PIDFD_GET_INFO on 6.13+,
-// /proc/self/fdinfo and /proc/<pid> before). Throws refused when the process has exited.
+// pid, effective uid and pidfs inode of the process behind `pidfd` (PIDFD_GET_INFO on
+// 6.13+, /proc/self/fdinfo and /proc/<pid> before). Throws refused when the process has
+// exited. Effective, not real: the identities compared against this one come from
+// SO_PEERCRED where SO_PEERPIDFD is missing, which carries the peer's effective uid, and
+// the /proc fallback can only see the effective uid (the owner of /proc/<pid>); mixing
+// real and effective would refuse any process whose two uids differ.
 [[nodiscard]] Identity identify(BorrowedFd pidfd);
 
 // Our own identity, computed once per process.
