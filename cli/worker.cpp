@@ -39,6 +39,9 @@ constexpr std::int64_t kDrainGraceSeconds = 2;  // idle connections left once dr
 constexpr std::size_t kAcceptBatch = 64;
 constexpr std::size_t kKeepBuffer = 4096;  // buffer capacity a closed connection's slot keeps
 constexpr auto kLoadReportDelay = std::chrono::milliseconds(1);
+// Finished handed-off connections whose final close waits for the dispatcher (see
+// Server::close); beyond this many they are closed at once.
+constexpr std::size_t kMaxDeferredCloses = 256;
 
 // epoll tags: connection descriptors are non-negative ints; the rest live above 2^32.
 constexpr std::uint64_t kTagChannel = 1ULL << 32;
@@ -132,6 +135,7 @@ class Server {
   void sweep_idle();
   void burn(std::uint32_t ms);
   void report_load(bool now);
+  void close_deferred();
 
   Fd epoll_;
   Fd signals_;
@@ -151,6 +155,10 @@ class Server {
   std::uint64_t shed_ = 0;  // connections closed unserved at EMFILE
   std::int64_t shed_logged_at_ = -1;
   Clock::time_point change_since_{};  // when active_ first differed from reported_load_
+  // Shut down and acknowledged, waiting for their final close (Server::close): those
+  // finished since the previous batch arrived, and those finished before that.
+  std::vector<Fd> deferred_;
+  std::vector<Fd> deferred_older_;
 };
 
 void Server::add(std::uint64_t tag, int fd, std::uint32_t events) {
@@ -193,7 +201,13 @@ int Server::run() {
     index_ = index_from_environment();
     reserve_ = Fd(::open("/dev/null", O_RDONLY | O_CLOEXEC));
   }
-  body_ = "worker " + std::to_string(index_) + " pid " + std::to_string(::getpid()) + "\n";
+  body_ = "worker " + std::to_string(index_) + " pid " + std::to_string(::getpid());
+  // serve sets the generation so a client can see a reload take effect.
+  if (const char* generation = std::getenv("SOCKSHARE_GENERATION")) {
+    body_ += " generation ";
+    body_ += generation;
+  }
+  body_ += "\n";
   setup_signals();
   if (worker_) {
     add(kTagChannel, worker_->native_handle().get(), EPOLLIN);
@@ -209,7 +223,7 @@ int Server::run() {
   std::vector<epoll_event> events(256);
   last_sweep_ = now_seconds();
   while (!(draining_ && active_ == 0)) {
-    int timeout = active_ > 0 || draining_ ? 1000 : -1;
+    int timeout = active_ > 0 || draining_ || !deferred_.empty() || !deferred_older_.empty() ? 1000 : -1;
     if (worker_ && !draining_ && active_ != reported_load_) timeout = 1;  // a report is due
     int n = sys::retry_eintr([&] {
       return ::epoll_wait(epoll_.get(), events.data(), static_cast<int>(events.size()), timeout);
@@ -261,7 +275,19 @@ void Server::report_load(bool now) {
   }
 }
 
+void Server::close_deferred() {
+  deferred_older_.clear();  // closes them
+  deferred_.clear();
+}
+
 void Server::on_channel() {
+  // A new batch means the dispatcher has run a round since we acked earlier ones, and it
+  // reads acks before it sends. The connections finished before the previous batch arrived
+  // were acked two batches ago at least: the dispatcher has almost surely closed its copies,
+  // so closing ours now is the last reference and frees them here. The newer ones wait one
+  // more batch (their ack may have crossed the batch that just arrived).
+  deferred_older_.clear();
+  deferred_older_.swap(deferred_);
   batch_.clear();
   bool more = true;
   try {
@@ -501,10 +527,15 @@ void Server::close(Conn& conn) {
     ::epoll_ctl(epoll_.get(), EPOLL_CTL_DEL, conn.fd.get(), nullptr);
   }
   conn.events = 0;
-  if (conn.shared) {
+  if (conn.shared && !draining_ && deferred_.size() + deferred_older_.size() < kMaxDeferredCloses) {
     // The dispatcher closes its copy when our ack reaches it, often after we are done: its
-    // close would then be the last one and pay for the TCP teardown in the one process every
-    // connection goes through. Shutting down here does that work in the worker instead.
+    // close would then be the last one and free the socket, file and inode in the one process
+    // every connection goes through. So the client gets its end of stream now (shutdown),
+    // and our close waits for later batches to arrive (on_channel), by which time the
+    // dispatcher has usually dropped its copy and ours is the last one.
+    ::shutdown(conn.fd.get(), SHUT_RDWR);
+    deferred_.push_back(std::move(conn.fd));
+  } else if (conn.shared) {
     ::shutdown(conn.fd.get(), SHUT_RDWR);
   }
   conn.fd.reset();
@@ -520,6 +551,7 @@ void Server::close(Conn& conn) {
 void Server::begin_drain(std::string_view why) {
   if (draining_) return;
   draining_ = true;
+  close_deferred();
   log::info("worker-draining", "index={} pid={} reason={} connections={}", index_, ::getpid(),
             log::value(why), active_);
   if (worker_) {
@@ -546,6 +578,7 @@ void Server::begin_drain(std::string_view why) {
 
 void Server::sweep_idle() {
   last_sweep_ = now_seconds();
+  close_deferred();  // once a second, traffic or not: bounds how long a descriptor is kept
   for (auto& slot : conns_) {
     if (!slot || !slot->fd.valid()) continue;
     const std::int64_t idle = last_sweep_ - slot->last_active;

@@ -241,18 +241,25 @@ struct Dispatcher::Impl {
         }
         return nullptr;
       case Policy::least_loaded: {
-        // Ties go to the first one after the rotating cursor, so equal workers share evenly.
+        // Equal totals go to the worker with fewer connections in service by its own report:
+        // the rest of the total is connections on their way, which a responsive worker takes
+        // in microseconds, while one it reports may be a long request (a worker that is busy
+        // on one request must not get the second connection of a burst as a tie). Ties left
+        // go to the first one after the rotating cursor, so equal workers share evenly.
         WorkerState* best = nullptr;
         std::uint64_t best_load = 0;
+        std::uint32_t best_reported = 0;
         std::size_t best_at = 0;
         for (std::size_t i = 0; i < n; ++i) {
           const std::size_t at = (rr_cursor + i) % n;
           WorkerState& w = *workers[at];
           if (!available(w, now)) continue;
           const std::uint64_t load = std::uint64_t{w.reported_load} + w.load();
-          if (best == nullptr || load < best_load) {
+          if (best == nullptr || load < best_load ||
+              (load == best_load && w.reported_load < best_reported)) {
             best = &w;
             best_load = load;
+            best_reported = w.reported_load;
             best_at = at;
           }
         }

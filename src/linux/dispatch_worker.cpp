@@ -4,7 +4,9 @@
 #include <poll.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdlib>
+#include <exception>
 #include <cstring>
 #include <string>
 
@@ -85,56 +87,64 @@ bool Worker::poll(std::vector<Connection>& out) {
   const ReceiveOptions options{.expect = Expect::stream, .allow_unix_sockets = true,
                                .max_fds = wire::kMaxFds};
   ack_ids_.clear();
-  for (;;) {
-    try {
-      if (!channel_.try_receive(scratch_, options)) break;
-    } catch (const ChannelError& e) {
-      if (e.kind() == ErrorKind::peer_gone) {
+  // Connections already placed in `out` are this worker's whatever happens next: a later
+  // message that fails must not keep their ack from the dispatcher, or it would send them
+  // to another worker too.
+  std::exception_ptr failure;
+  try {
+    for (;;) {
+      try {
+        if (!channel_.try_receive(scratch_, options)) break;
+      } catch (const ChannelError& e) {
+        if (e.kind() == ErrorKind::peer_gone) {
+          gone_ = true;
+          break;
+        }
+        // R9: the descriptors of this batch were lost in transit (this process is at its
+        // limit). The dispatcher still holds its copies: tell it which batch, it re-sends them
+        // elsewhere instead of waiting for the ack timeout.
+        if (e.kind() == ErrorKind::overloaded && e.message_type() == kConnections &&
+            e.message_seq() != 0) {
+          std::byte payload[8];
+          put_u64(payload, e.message_seq());
+          send_or_leave({.type = kReject, .payload = payload});
+          continue;
+        }
+        throw;
+      } catch (const Error& e) {
+        if (e.kind() != ErrorKind::peer_gone) throw;
         gone_ = true;
         break;
       }
-      // R9: the descriptors of this batch were lost in transit (this process is at its
-      // limit). The dispatcher still holds its copies: tell it which batch, it re-sends them
-      // elsewhere instead of waiting for the ack timeout.
-      if (e.kind() == ErrorKind::overloaded && e.message_type() == kConnections &&
-          e.message_seq() != 0) {
-        std::byte payload[8];
-        put_u64(payload, e.message_seq());
-        send_or_leave({.type = kReject, .payload = payload});
-        continue;
-      }
-      throw;
-    } catch (const Error& e) {
-      if (e.kind() != ErrorKind::peer_gone) throw;
-      gone_ = true;
-      break;
-    }
-    switch (scratch_.type) {
-      case kConnections: {
-        if (scratch_.fd_meta.size() != scratch_.fds.size() || scratch_.fds.empty()) {
-          throw Error(ErrorKind::protocol, 0, "dispatch worker receive",
-                      "connections message without one metadata entry per descriptor");
-        }
-        const std::size_t first = out.size();
-        try {
-          for (std::size_t i = 0; i < scratch_.fds.size(); ++i) {
-            out.push_back({std::move(scratch_.fds[i]), decode_connection_info(scratch_.fd_meta[i])});
+      switch (scratch_.type) {
+        case kConnections: {
+          if (scratch_.fd_meta.size() != scratch_.fds.size() || scratch_.fds.empty()) {
+            throw Error(ErrorKind::protocol, 0, "dispatch worker receive",
+                        "connections message without one metadata entry per descriptor");
           }
-        } catch (...) {
-          out.resize(first);  // closes what this message brought
-          throw;
+          const std::size_t first = out.size();
+          try {
+            for (std::size_t i = 0; i < scratch_.fds.size(); ++i) {
+              out.push_back({std::move(scratch_.fds[i]), decode_connection_info(scratch_.fd_meta[i])});
+            }
+          } catch (...) {
+            out.resize(first);  // closes what this message brought
+            throw;
+          }
+          for (std::size_t i = first; i < out.size(); ++i) ack_ids_.push_back(out[i].info.id);
+          break;
         }
-        for (std::size_t i = first; i < out.size(); ++i) ack_ids_.push_back(out[i].info.id);
-        break;
+        case kDrain:
+          draining_ = true;
+          break;
+        default:
+          throw Error(ErrorKind::protocol, 0, "dispatch worker receive",
+                      "unexpected message type " + std::to_string(scratch_.type));
       }
-      case kDrain:
-        draining_ = true;
-        break;
-      default:
-        throw Error(ErrorKind::protocol, 0, "dispatch worker receive",
-                    "unexpected message type " + std::to_string(scratch_.type));
+      if (draining_) break;
     }
-    if (draining_) break;
+  } catch (...) {
+    failure = std::current_exception();
   }
 
   // One ack for everything this call received; split only past the message size limit.
@@ -149,6 +159,7 @@ bool Worker::poll(std::vector<Connection>& out) {
     send_or_leave({.type = kBye});
     bye_sent_ = true;
   }
+  if (failure) std::rethrow_exception(failure);
   return !draining_ && !gone_;
 }
 

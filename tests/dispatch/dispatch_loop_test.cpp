@@ -280,6 +280,72 @@ TEST_F(DispatchLoop, R10_FullChannelSendsTheBatchElsewhereAndNeverBlocks) {
   test::expect_accounted(d);
 }
 
+TEST_F(DispatchLoop, S6_LeastLoadedTieGoesToTheWorkerWithFewerConnectionsInService) {
+  auto [listener, ep] = loopback_listener();
+  Dispatcher d({.policy = Policy::least_loaded});
+  d.add_listener("web", std::move(listener));
+  auto [ours0, theirs0] = Channel::pair();
+  auto [ours1, theirs1] = Channel::pair();
+  d.add_worker(std::move(ours0), ::getpid(), 0);
+  d.add_worker(std::move(ours1), ::getpid(), 1);
+  Worker busy(std::move(theirs0), 0);
+  Worker idle(std::move(theirs1), 1);
+  busy.report_load(1);  // e.g. deep in a long request
+  ASSERT_TRUE(pump(d, [&] {
+    auto w = d.workers();
+    return w.size() == 2 && w[0].ready && w[1].ready && w[0].reported_load == 1;
+  }));
+  // Two connections in one round: the first goes to the idle worker; then both totals are 1
+  // (one in service against one on its way), and the tie must not go to the busy worker.
+  Client a(ep, "a\n");
+  Client b(ep, "b\n");
+  ASSERT_TRUE(pump(d, [&] { return d.stats().dispatched == 2; }));
+  std::vector<Connection> got_busy, got_idle;
+  busy.poll(got_busy);
+  idle.poll(got_idle);
+  EXPECT_EQ(got_busy.size(), 0u);
+  ASSERT_EQ(got_idle.size(), 2u);
+  for (auto& c : got_idle) test::serve(c, 1);
+  ASSERT_TRUE(pump(d, [&] { return a.advance() && b.advance(); }));
+  test::expect_accounted(d);
+}
+
+TEST_F(DispatchLoop, R12_AcksAreReadWhileConnectionsArriveAndAfterTheyStop) {
+  // Acks free room while connections keep arriving (max_in_flight 2 for 12 connections needs
+  // every ack), the last ones are read once arrivals stop, and a worker that goes away right
+  // after a connection was sent to it gives that connection to the next worker.
+  auto [listener, ep] = loopback_listener();
+  Dispatcher d({.max_in_flight = 2});
+  d.add_listener("web", std::move(listener));
+  auto [ours, theirs] = Channel::pair();
+  d.add_worker(std::move(ours), ::getpid(), 0);
+  Worker worker(std::move(theirs), 0);
+  std::vector<Client> clients;
+  std::size_t served = 0;
+  for (int i = 0; i < 12; ++i) {
+    clients.emplace_back(ep, "x\n");
+    ASSERT_TRUE(pump(d, [&] { served += serve_all(worker); return served == clients.size(); }))
+        << "connection " << i;
+  }
+  ASSERT_TRUE(pump(d, [&] { return test::all_done(clients); }));
+  ASSERT_TRUE(pump(d, [&] { return d.stats().in_flight == 0; }, 2s));
+  EXPECT_EQ(d.stats().acknowledged, 12u);
+
+  auto [ours2, raw] = Channel::pair();
+  d.add_worker(std::move(ours2), ::getpid(), 1);
+  send_hello(raw, 1);
+  ASSERT_TRUE(pump(d, [&] { return d.workers().size() == 2 && d.workers()[1].ready; }));
+  Client late(ep, "y\n");
+  ASSERT_TRUE(pump(d, [&] { return d.stats().dispatched == 13; }));
+  ASSERT_EQ(d.workers()[1].in_flight, 1u);  // round robin: its turn
+  { Channel gone = std::move(raw); }        // closed without an ack
+  ASSERT_TRUE(pump(d, [&] { return d.workers().size() == 1; }, 2s));
+  EXPECT_EQ(d.stats().workers_lost, 1u);
+  ASSERT_TRUE(pump(d, [&] { serve_all(worker); return late.advance(); }));
+  EXPECT_EQ(late.field("w"), "0");
+  test::expect_accounted(d);
+}
+
 TEST_F(DispatchLoop, R12_WithNoWorkerLeftConnectionsWaitForTheNextOne) {
   auto [listener, ep] = loopback_listener();
   Dispatcher d;
