@@ -7,6 +7,8 @@
 #include "sockshare/dispatch.hpp"
 #include "sockshare/error.hpp"
 
+#include "byte_order.hpp"
+
 namespace sockshare::dispatch {
 namespace {
 
@@ -16,17 +18,12 @@ constexpr std::size_t kInfoFixed = 28;
 
 template <class T>
 void put(std::byte* out, T value) noexcept {
-  const auto v = static_cast<std::uint64_t>(value);
-  for (std::size_t i = 0; i < sizeof(T); ++i) out[i] = static_cast<std::byte>((v >> (8 * i)) & 0xFF);
+  bytes::store_le(out, value);
 }
 
 template <class T>
 T get(const std::byte* in) noexcept {
-  std::uint64_t value = 0;
-  for (std::size_t i = 0; i < sizeof(T); ++i) {
-    value |= static_cast<std::uint64_t>(std::to_integer<std::uint8_t>(in[i])) << (8 * i);
-  }
-  return static_cast<T>(value);
+  return bytes::load_le<T>(in);
 }
 
 [[noreturn]] void malformed(std::string_view why) {

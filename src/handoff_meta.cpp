@@ -6,23 +6,21 @@
 #include "sockshare/handoff.hpp"
 #include "sockshare/systemd.hpp"
 
+#include "byte_order.hpp"
+
 namespace sockshare::handoff {
 namespace {
 
 template <class T>
 void put(std::vector<std::byte>& out, T value) {
-  for (std::size_t i = 0; i < sizeof(T); ++i) {
-    out.push_back(static_cast<std::byte>((static_cast<std::uint64_t>(value) >> (8 * i)) & 0xFF));
-  }
+  std::byte field[sizeof(T)];
+  bytes::store_le(field, value);
+  out.insert(out.end(), field, field + sizeof(T));
 }
 
 template <class T>
 T get(const std::byte* in) noexcept {
-  std::uint64_t value = 0;
-  for (std::size_t i = 0; i < sizeof(T); ++i) {
-    value |= static_cast<std::uint64_t>(std::to_integer<std::uint8_t>(in[i])) << (8 * i);
-  }
-  return static_cast<T>(value);
+  return bytes::load_le<T>(in);
 }
 
 wire::DecodeResult fail(std::string why) { return {false, std::move(why)}; }

@@ -19,6 +19,7 @@
 #include <unordered_map>
 #include <utility>
 
+#include "byte_order.hpp"
 #include "linux/sys.hpp"
 #include "sockshare/dispatch.hpp"
 
@@ -622,16 +623,8 @@ struct Dispatcher::Impl {
 
   // ---- receiving from workers ----
 
-  static std::uint64_t get_u64(const std::byte* p) {
-    std::uint64_t v = 0;
-    for (int i = 0; i < 8; ++i) v |= static_cast<std::uint64_t>(std::to_integer<std::uint8_t>(p[i])) << (8 * i);
-    return v;
-  }
-  static std::uint32_t get_u32(const std::byte* p) {
-    std::uint32_t v = 0;
-    for (int i = 0; i < 4; ++i) v |= static_cast<std::uint32_t>(std::to_integer<std::uint8_t>(p[i])) << (8 * i);
-    return v;
-  }
+  static std::uint64_t get_u64(const std::byte* p) { return bytes::load_le<std::uint64_t>(p); }
+  static std::uint32_t get_u32(const std::byte* p) { return bytes::load_le<std::uint32_t>(p); }
 
   void violation(WorkerState& w, const std::string& why, Clock::time_point now) {
     bump(counters.worker_protocol_errors);

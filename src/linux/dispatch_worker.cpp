@@ -10,19 +10,16 @@
 #include <cstring>
 #include <string>
 
+#include "byte_order.hpp"
 #include "linux/sys.hpp"
 #include "sockshare/dispatch.hpp"
 
 namespace sockshare::dispatch {
 namespace {
 
-void put_u32(std::byte* out, std::uint32_t v) noexcept {
-  for (int i = 0; i < 4; ++i) out[i] = static_cast<std::byte>((v >> (8 * i)) & 0xFF);
-}
+void put_u32(std::byte* out, std::uint32_t v) noexcept { bytes::store_le(out, v); }
 
-void put_u64(std::byte* out, std::uint64_t v) noexcept {
-  for (int i = 0; i < 8; ++i) out[i] = static_cast<std::byte>((v >> (8 * i)) & 0xFF);
-}
+void put_u64(std::byte* out, std::uint64_t v) noexcept { bytes::store_le(out, v); }
 
 // Acks wait at most this long for room in the channel: the dispatcher reads continuously,
 // so a full channel for this long means it is wedged or gone.
