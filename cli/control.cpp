@@ -59,7 +59,9 @@ void remove_stale_socket(const Endpoint& endpoint) {
   sun.sun_family = AF_UNIX;
   if (endpoint.path.size() >= sizeof sun.sun_path) return;
   std::memcpy(sun.sun_path, endpoint.path.data(), endpoint.path.size());
-  Fd probe(::socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0));
+  // Non-blocking: a live serve with a full backlog answers EAGAIN and keeps its file,
+  // instead of hanging this one.
+  Fd probe(::socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
   if (!probe.valid()) return;
   const int rc = sys::retry_eintr(
       [&] { return ::connect(probe.get(), reinterpret_cast<const sockaddr*>(&sun), sizeof sun); });

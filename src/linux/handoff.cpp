@@ -218,20 +218,14 @@ HandoffServer HandoffServer::listen(const Endpoint& control, HandoffServerOption
   server.control_ = Fd(::socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
   if (!server.control_.valid()) sys::throw_errno("socket(AF_UNIX, SOCK_SEQPACKET) for " + what);
   // Owner-only from the moment the file exists.
-  const mode_t old_mask = path ? ::umask(0177) : 0;
-  int rc = ::bind(server.control_.get(), address, length);
-  int err = rc == 0 ? 0 : errno;
+  int err = path ? sys::bind_unix_with_mode(server.control_.get(), address, length, 0600)
+                 : (::bind(server.control_.get(), address, length) == 0 ? 0 : errno);
   if (err == EADDRINUSE && path) {
     // A file left by a generation that died: replace it only if nobody answers on it, so a
     // live holder is never cut off from its successors.
-    Fd probe(::socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0));
-    if (probe.valid() && ::connect(probe.get(), address, length) != 0 && errno == ECONNREFUSED) {
-      ::unlink(control.path.c_str());
-      rc = ::bind(server.control_.get(), address, length);
-      err = rc == 0 ? 0 : errno;
-    }
+    err = sys::replace_stale_unix_socket(server.control_.get(), control.path, address, length,
+                                         0600);
   }
-  if (path) ::umask(old_mask);
   if (err != 0) sys::throw_errno("bind(" + what + ")", err);
   if (path) {
     server.control_path_ = control.path;

@@ -67,7 +67,7 @@ int bind_unix_with_mode(int fd, const sockaddr* addr, socklen_t length, unsigned
 }
 
 int replace_stale_unix_socket(int fd, const std::string& path, const sockaddr* addr,
-                              socklen_t length) {
+                              socklen_t length, std::optional<unsigned> mode) {
   const auto slash = path.rfind('/');
   const std::string dir = slash == std::string::npos ? "." : (slash == 0 ? "/" : path.substr(0, slash));
   Fd dir_fd(::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
@@ -79,6 +79,7 @@ int replace_stale_unix_socket(int fd, const std::string& path, const sockaddr* a
   if (::connect(probe.get(), addr, length) == 0) return EADDRINUSE;
   if (errno != ECONNREFUSED) return EADDRINUSE;
   if (::unlink(path.c_str()) != 0 && errno != ENOENT) return errno;
+  if (mode) return bind_unix_with_mode(fd, addr, length, *mode);
   return ::bind(fd, addr, length) == 0 ? 0 : errno;
 }
 

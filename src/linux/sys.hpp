@@ -109,8 +109,9 @@ int bind_unix_with_mode(int fd, const sockaddr* addr, socklen_t length, unsigned
 // there (ECONNREFUSED), removes it and binds again; returns 0 on success or the errno to
 // report. A live server, even one with a full backlog, keeps its file. Holds an flock on the
 // directory so two servers starting together cannot remove each other's fresh socket.
+// With `mode`, the new file is bound with exactly that mode (bind_unix_with_mode).
 int replace_stale_unix_socket(int fd, const std::string& path, const sockaddr* addr,
-                              socklen_t length);
+                              socklen_t length, std::optional<unsigned> mode = std::nullopt);
 
 // getsockopt of an int-sized option; nullopt when the option is unsupported.
 std::optional<int> get_int_option(int fd, int level, int name);

@@ -5,6 +5,7 @@
 #include <fcntl.h>
 #include <poll.h>
 #include <sys/socket.h>
+#include <sys/un.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -15,6 +16,7 @@
 #include <map>
 #include <mutex>
 #include <sstream>
+#include <cstring>
 #include <string>
 #include <thread>
 #include <vector>
@@ -700,6 +702,35 @@ TEST_F(HandoffInProcess, GarbageFromTakerLeavesHolderServing) {
   holder3.join();
   EXPECT_EQ(outcome.result, handoff::ServeResult::handed_over);
   ASSERT_EQ(taken.listeners.size(), 1u);
+}
+
+}  // namespace
+}  // namespace sockshare
+
+namespace sockshare {
+namespace {
+
+// A live holder whose control backlog is full keeps its socket file: the stale-file probe
+// must not hang on it, nor take the file over.
+TEST_F(HandoffProcess, LiveHolderWithAFullBacklogKeepsItsControlFile) {
+  TempDir dir;
+  const Endpoint control = parse_endpoint("unix:" + dir.file("control.sock"));
+  HandoffServer live = HandoffServer::listen(control);
+  std::vector<Fd> queued;
+  for (int i = 0; i < 64; ++i) {
+    Fd c(::socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
+    sockaddr_un sun{};
+    sun.sun_family = AF_UNIX;
+    std::memcpy(sun.sun_path, control.path.data(), control.path.size());
+    if (::connect(c.get(), reinterpret_cast<sockaddr*>(&sun), sizeof sun) != 0) break;
+    queued.push_back(std::move(c));
+  }
+  try {
+    (void)HandoffServer::listen(control);
+    FAIL() << "a live holder's control file was taken over";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), EADDRINUSE) << e.what();
+  }
 }
 
 }  // namespace
