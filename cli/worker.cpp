@@ -144,6 +144,7 @@ class Server {
   std::vector<Listener> listeners_;
   std::vector<std::unique_ptr<Conn>> conns_;  // indexed by descriptor
   std::size_t active_ = 0;
+  bool burned_ = false;  // a burn ended this round: the next load report is not delayed
   std::uint32_t index_ = 0;
   bool draining_ = false;
   std::string body_;
@@ -247,7 +248,7 @@ int Server::run() {
       }
     }
     if (now_seconds() != last_sweep_) sweep_idle();
-    report_load(false);
+    report_load(std::exchange(burned_, false));
   }
   log::info("worker-down", "index={} pid={}", index_, ::getpid());
   return 0;
@@ -409,6 +410,8 @@ void Server::burn(std::uint32_t ms) {
   while (Clock::now() < until) {
     for (int i = 0; i < 1000; ++i) sink = sink + static_cast<std::uint64_t>(i);
   }
+  // The dispatcher stopped sending here while we burned: tell it at once that we are free.
+  burned_ = true;
 }
 
 void Server::answer(Conn& conn) {

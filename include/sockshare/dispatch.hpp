@@ -138,6 +138,12 @@ struct DispatcherOptions {
   std::size_t peek_bytes = 0;
   std::chrono::milliseconds peek_timeout{1000};
   std::chrono::milliseconds ack_timeout{5000};  // a worker that does not ack in time is cut off
+  // least_loaded: a worker that has left a connection unacknowledged this long is not reading
+  // its channel (busy on a long request) and gets nothing more while it stays so. When every
+  // worker is busy, new connections wait in the kernel's backlog and go, oldest first, to the
+  // first worker that catches up, instead of queueing behind one particular long request.
+  // Zero turns it off.
+  std::chrono::microseconds busy_after{2000};
   // Accepted connections held while no worker can take them (returned by a lost worker).
   // Accepting pauses long before this; beyond it the oldest are closed and counted dropped.
   std::size_t max_pending = 4096;

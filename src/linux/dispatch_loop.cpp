@@ -215,7 +215,15 @@ struct Dispatcher::Impl {
 
   [[nodiscard]] bool available(const WorkerState& w, Clock::time_point now) const {
     return w.hello && !w.bye && !w.drain_sent && !w.want_out && now >= w.paused_until &&
-           w.load() < opt.max_in_flight;
+           w.load() < opt.max_in_flight && !busy(w, now);
+  }
+
+  // A responsive worker acks within microseconds of a send; one that has not for busy_after
+  // is inside a long request. sent_order's front is its oldest unacknowledged connection
+  // (acks and rejects pop what they settled).
+  [[nodiscard]] bool busy(const WorkerState& w, Clock::time_point now) const {
+    return opt.policy == Policy::least_loaded && opt.busy_after.count() > 0 &&
+           !w.sent_order.empty() && now - w.sent_order.front().first >= opt.busy_after;
   }
 
   // Connections the workers can take right now, minus those already waiting for one.
@@ -696,9 +704,7 @@ struct Dispatcher::Impl {
           w.in_flight.erase(it);  // our copy closes: the worker owns the connection now
         }
         bump(counters.acknowledged, p.size() / 8);
-        while (!w.sent_order.empty() && !w.in_flight.contains(w.sent_order.front().second)) {
-          w.sent_order.pop_front();
-        }
+        drop_settled(w);
         return true;
       }
       case kLoad:
@@ -724,6 +730,7 @@ struct Dispatcher::Impl {
             ++it;
           }
         }
+        drop_settled(w);
         log(describe(w) + " lost batch " + std::to_string(seq) + " on receipt (R9); " +
             std::to_string(back.size()) + " connection(s) re-queued");
         w.paused_until = now + kRejectPause;
@@ -743,6 +750,12 @@ struct Dispatcher::Impl {
       default:
         violation(w, "unexpected message type " + std::to_string(message.type), now);
         return false;
+    }
+  }
+
+  static void drop_settled(WorkerState& w) {
+    while (!w.sent_order.empty() && !w.in_flight.contains(w.sent_order.front().second)) {
+      w.sent_order.pop_front();
     }
   }
 
@@ -770,9 +783,7 @@ struct Dispatcher::Impl {
     next_timer_check = now + std::min<Clock::duration>(opt.ack_timeout / 4, std::chrono::milliseconds(100));
     for (std::size_t i = 0; i < workers.size();) {
       WorkerState& w = *workers[i];
-      while (!w.sent_order.empty() && !w.in_flight.contains(w.sent_order.front().second)) {
-        w.sent_order.pop_front();
-      }
+      drop_settled(w);
       const bool late_ack = !w.sent_order.empty() && now - w.sent_order.front().first > opt.ack_timeout;
       const bool stuck = w.want_out && now - w.blocked_since > opt.ack_timeout;
       if (late_ack || stuck) {

@@ -78,10 +78,13 @@ void Worker::send_or_leave(const Outgoing& message) {
 
 bool Worker::poll(std::vector<Connection>& out) {
   if (gone_) return false;
-  // Connection sockets are TCP or unix stream; anything else is closed by the channel (R15).
-  // Unix client connections are what a unix listener yields, so they are allowed (R11 is
-  // about sockets that could carry descriptors back into a cycle; these are end points).
-  const ReceiveOptions options{.expect = Expect::stream, .allow_unix_sockets = true,
+  // No per-descriptor type check (R15) here: the peer is the dispatcher this worker was
+  // given, which admits only stream listeners (add_listener checks) and sends only what
+  // accept() returned on them; the check would add a getsockopt to every connection on the
+  // hot path. Unix client connections
+  // are what a unix listener yields, so they are allowed (R11 is about sockets that could
+  // carry descriptors back into a cycle; these are end points).
+  const ReceiveOptions options{.expect = Expect::anything, .allow_unix_sockets = true,
                                .max_fds = wire::kMaxFds};
   ack_ids_.clear();
   // Connections already placed in `out` are this worker's whatever happens next: a later

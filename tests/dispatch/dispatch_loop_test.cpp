@@ -310,6 +310,63 @@ TEST_F(DispatchLoop, S6_LeastLoadedTieGoesToTheWorkerWithFewerConnectionsInServi
   test::expect_accounted(d);
 }
 
+// Least-loaded with every worker inside a long request (neither acks what it was sent):
+// the next connection is held, in the backlog, for the first worker that catches up, instead
+// of queueing behind one of the long requests. With busy_after off it goes to a busy worker.
+TEST_F(DispatchLoop, S6_LeastLoadedHoldsNewConnectionsWhileEveryWorkerIsBusy) {
+  for (const auto busy_after : {std::chrono::microseconds(20ms), std::chrono::microseconds(0)}) {
+    SCOPED_TRACE("busy_after " + std::to_string(busy_after.count()) + " us");
+    auto [listener, ep] = loopback_listener();
+    Dispatcher d({.policy = Policy::least_loaded, .ack_timeout = 60s, .busy_after = busy_after});
+    d.add_listener("web", std::move(listener));
+    auto [ours0, raw0] = Channel::pair();
+    auto [ours1, raw1] = Channel::pair();
+    d.add_worker(std::move(ours0), ::getpid(), 0);
+    d.add_worker(std::move(ours1), ::getpid(), 1);
+    send_hello(raw0, 0);
+    send_hello(raw1, 1);
+    ASSERT_TRUE(pump(d, [&] {
+      auto w = d.workers();
+      return w.size() == 2 && w[0].ready && w[1].ready;
+    }));
+
+    const ReceiveOptions take{.expect = Expect::stream, .allow_unix_sockets = true};
+    Client a(ep, "a\n");
+    Client b(ep, "b\n");
+    Message m0, m1;
+    ASSERT_TRUE(pump(d, [&] { return raw0.try_receive(m0, take); }));
+    ASSERT_TRUE(pump(d, [&] { return raw1.try_receive(m1, take); }));
+    ASSERT_EQ(m0.fds.size(), 1u);
+    ASSERT_EQ(m1.fds.size(), 1u);
+    // Neither acks: both are "inside a long request" once busy_after has passed.
+    const auto busy_since = std::chrono::steady_clock::now();
+    pump(d, [&] { return std::chrono::steady_clock::now() - busy_since > 2 * busy_after; }, 1s);
+
+    Client c(ep, "c\n");
+    Message m;
+    const bool sent_to_a_busy_worker = pump(d, [&] {
+      return raw0.try_receive(m, take) || raw1.try_receive(m, take);
+    }, 300ms);
+    if (busy_after.count() == 0) {
+      EXPECT_TRUE(sent_to_a_busy_worker);
+      continue;
+    }
+    ASSERT_FALSE(sent_to_a_busy_worker);
+    EXPECT_EQ(d.stats().accepted, 2u);  // the third waits in the kernel's backlog
+    EXPECT_GE(d.stats().backpressure_pauses, 1u);
+
+    // Worker 1 finishes its long request and acks: the held connection goes to it.
+    const auto id1 = decode_connection_info(m1.fd_meta[0]).id;
+    raw1.send({.type = kAck, .payload = u64(id1)}, 5s);
+    ASSERT_TRUE(pump(d, [&] { return raw1.try_receive(m, take); }));
+    ASSERT_EQ(m.fds.size(), 1u);
+    const auto id0 = decode_connection_info(m0.fd_meta[0]).id;
+    raw0.send({.type = kAck, .payload = u64(id0)}, 5s);
+    raw1.send({.type = kAck, .payload = u64(decode_connection_info(m.fd_meta[0]).id)}, 5s);
+    test::expect_accounted(d);
+  }
+}
+
 TEST_F(DispatchLoop, R12_AcksAreReadWhileConnectionsArriveAndAfterTheyStop) {
   // Acks free room while connections keep arriving (max_in_flight 2 for 12 connections needs
   // every ack), the last ones are read once arrivals stop, and a worker that goes away right
