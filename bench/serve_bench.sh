@@ -3,33 +3,38 @@
 # wrk opening a NEW CONNECTION PER REQUEST (Connection: close), 2 built-in workers, loopback.
 #
 #   bench/serve_bench.sh [BUILD_DIR]        (default: build-bench, a Release build)
-#   env: DURATION=5s CONNECTIONS=16 THREADS=1 ROUNDS=3 FIXED_RATE=4000
-#        UNEVEN_RATES="200 400 600" UNEVEN_DURATION=10
+#   env: LOADS="1x16 2x64" DURATION=5s ROUNDS=3 FIXED_RATE=4000
+#        UNEVEN_RATES="200 400 600" UNEVEN_DURATION=10 UNEVEN_CONNECTIONS="16 32"
 #
 # Scenario 1, uniform tiny requests (wrk, closed loop): connections/s, p50, p99 of
 #   reuseport  bench/baseline_reuseport       2 processes, one SO_REUSEPORT listener each
 #   inherit    sockshare serve --mode inherit  one shared listener, workers accept (EPOLLEXCLUSIVE)
 #   naive      bench/baseline_naive_dispatch   accept + sendmsg to the next worker, nothing else
 #   dispatch   sockshare serve --mode dispatch acks, policy, counters, no connection lost
+# at each wrk load of LOADS (THREADSxCONNECTIONS): 1x16 leaves CPU idle (latency-bound: every
+# hop's delay shows), 2x64 keeps both CPUs busy (CPU-bound: every microsecond of work shows).
 # ROUNDS interleaved rounds, the median round per configuration is reported, with the median
 # over rounds of the within-round ratios against the targets (inherit >= 0.97x reuseport;
-# dispatch >= 0.90x reuseport and >= 0.97x naive) and the dispatcher's CPU time per
-# connection (utime+stime from /proc/PID/stat).
+# dispatch >= 0.90x reuseport and >= 0.97x naive) and the CPU time per connection of the
+# accepting process and of the workers (utime+stime from /proc/PID/stat).
 # Scenario 1b: CPU per connection of the dispatcher and the workers at a fixed rate
 # (bench/serve_loadgen, open loop, FIXED_RATE connections/s).
-# Scenario 2, uneven work: 5% of requests burn 20 ms of CPU in the worker. bench/serve_loadgen
-# sends requests open loop at each rate of UNEVEN_RATES (below saturation), a new connection
-# each, and reports p50/p99 overall, for the short requests and for the burning ones: dispatch
-# with --policy least against SO_REUSEPORT's blind spread (target: overall p99 at most half),
-# with dispatch --policy rr for reference.
+# Scenario 2, uneven work: 5% of requests burn 20 ms of CPU in the worker, dispatch with
+# --policy least against SO_REUSEPORT's blind spread (target: p99 at most half), with
+# dispatch --policy rr for reference:
+#   2a open loop (bench/serve_loadgen): requests due at each rate of UNEVEN_RATES (below
+#      saturation), a new connection each; p50/p99 overall, for the short requests and for the
+#      burning ones, measured from the time each request was due;
+#   2b closed loop (wrk -s bench/burn.lua, every 20th request burns) at each connection count
+#      of UNEVEN_CONNECTIONS: wrk's own latency percentiles.
 # Every process started here is stopped on exit (trap), whatever happens.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 build=${1:-build-bench}
 duration=${DURATION:-5s}
-connections=${CONNECTIONS:-16}
-threads=${THREADS:-1}
+loads=${LOADS:-"1x16 2x64"}
 rounds=${ROUNDS:-3}
+uneven_connections=${UNEVEN_CONNECTIONS:-"16 32"}
 uneven_rates=${UNEVEN_RATES:-"200 400 600"}
 uneven_duration=${UNEVEN_DURATION:-10}
 fixed_rate=${FIXED_RATE:-4000}
@@ -93,6 +98,12 @@ cpu_ticks() {  # utime + stime of a process, in clock ticks
   sed 's/^.*) //' "/proc/$1/stat" | awk '{print $12 + $13}'
 }
 
+worker_ticks() {  # utime + stime of a process's children (the workers), in clock ticks
+  local total=0 kid
+  for kid in $(ps -o pid= --ppid "$1"); do total=$(( total + $(cpu_ticks "$kid") )); done
+  echo "$total"
+}
+
 to_us() {  # wrk latency ("812.00us", "1.20ms", "2.00s") -> microseconds
   awk -v v="$1" 'BEGIN {
     n = v + 0
@@ -104,7 +115,7 @@ to_us() {  # wrk latency ("812.00us", "1.20ms", "2.00s") -> microseconds
 run_wrk() {
   local name=$1 port=$2
   shift 2
-  wrk -t"$threads" -d"$duration" --latency -H 'Connection: close' "$@" \
+  wrk -d"$duration" --latency -H 'Connection: close' "$@" \
       "http://127.0.0.1:$port/" >"$tmp/$name.wrk" 2>&1
   local rps p50 p90 p99 reqs errors
   rps=$(awk '/^Requests\/sec:/ {print $2}' "$tmp/$name.wrk")
@@ -119,29 +130,23 @@ run_wrk() {
 
 echo "machine: $(nproc) CPUs, $(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo), kernel $(uname -r)"
 echo "load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
-echo "wrk -t$threads -c$connections -d$duration --latency -H 'Connection: close', $rounds rounds"
 echo
 
+ticks=$(getconf CLK_TCK)
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3f", a / b }'; }
+verdict() { awk -v r="$1" -v t="$2" 'BEGIN { print (r >= t ? "met" : "NOT met") }'; }
 declare -A results
-for round in $(seq 1 "$rounds"); do
-  start reuseport baseline "$build/bench/baseline_reuseport" --listen 127.0.0.1:0 --workers 2
-  results[reuseport,$round]=$(run_wrk reuseport "$PORT" -c"$connections")
-  stop
 
-  start inherit serve "$cli" serve --listen 127.0.0.1:0 --workers 2 --mode inherit
-  results[inherit,$round]=$(run_wrk inherit "$PORT" -c"$connections")
+# measure CONFIG ROUND WRK_ARGS...: one wrk run against the server just started; records
+# "conn/s p50 p90 p99 requests dispatcher_ticks worker_ticks"
+measure() {
+  local config=$1 round=$2 before_d before_w
+  shift 2
+  before_d=$(cpu_ticks "$PID")
+  before_w=$(worker_ticks "$PID")
+  results[$config,$round]="$(run_wrk "$config" "$PORT" "$@") $(( $(cpu_ticks "$PID") - before_d )) $(( $(worker_ticks "$PID") - before_w ))"
   stop
-
-  start naive baseline "$build/bench/baseline_naive_dispatch" --listen 127.0.0.1:0 --workers 2
-  before=$(cpu_ticks "$PID")
-  results[naive,$round]="$(run_wrk naive "$PORT" -c"$connections") $(( $(cpu_ticks "$PID") - before ))"
-  stop
-
-  start dispatch serve "$cli" serve --listen 127.0.0.1:0 --workers 2 --mode dispatch
-  before=$(cpu_ticks "$PID")
-  results[dispatch,$round]="$(run_wrk dispatch "$PORT" -c"$connections") $(( $(cpu_ticks "$PID") - before ))"
-  stop
-done
+}
 
 # median round of a configuration by connections/s
 median() {
@@ -149,24 +154,6 @@ median() {
   for round in $(seq 1 "$rounds"); do echo "${results[$config,$round]}"; done | sort -g -k1 |
     awk -v n="$rounds" 'NR == int((n + 1) / 2)'
 }
-
-ticks=$(getconf CLK_TCK)
-echo "Scenario 1: uniform tiny requests, new connection per request"
-printf '%-10s %12s %10s %10s %10s  %s\n' config "conn/s" "p50 us" "p90 us" "p99 us" "all rounds (conn/s)"
-declare -A rate
-for config in reuseport inherit naive dispatch; do
-  read -r rps p50 p90 p99 reqs cpu <<<"$(median "$config")"
-  rate[$config]=$rps
-  all=$(for round in $(seq 1 "$rounds"); do echo "${results[$config,$round]}" | awk '{printf "%s ", $1}'; done)
-  printf '%-10s %12s %10s %10s %10s  %s\n' "$config" "$rps" "$p50" "$p90" "$p99" "$all"
-  if [ -n "${cpu:-}" ]; then
-    awk -v c="$cpu" -v t="$ticks" -v r="$reqs" -v n="$config" \
-      'BEGIN { printf "           %s dispatcher CPU: %.2f us per connection (%d ticks for %d connections)\n", n, c / t * 1e6 / r, c, r }'
-  fi
-  cpu=""
-done
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3f", a / b }'; }
-verdict() { awk -v r="$1" -v t="$2" 'BEGIN { print (r >= t ? "met" : "NOT met") }'; }
 # Other work on the machine drifts between rounds, so each ratio is taken within a round (the
 # four configurations of a round run back to back) and the median over rounds is reported.
 round_ratios() {  # A B: the per-round ratios of A's conn/s to B's, sorted
@@ -183,12 +170,43 @@ report_ratio() {  # A B TARGET LABEL
   printf '%-22s = %s   per round: %s  target >= %s  %s\n' "$4" "$m" \
     "$(round_ratios "$1" "$2" | tr '\n' ' ')" "$3" "$(verdict "$m" "$3")"
 }
-echo
-report_ratio inherit reuseport 0.97 "inherit  / reuseport"
-report_ratio dispatch reuseport 0.90 "dispatch / reuseport"
-report_ratio dispatch naive 0.97 "dispatch / naive"
-report_ratio naive reuseport 0 "naive    / reuseport"
-echo
+
+for load in $loads; do
+  threads=${load%x*}
+  connections=${load#*x}
+  wrk_args=(-t"$threads" -c"$connections")
+  results=()
+  for round in $(seq 1 "$rounds"); do
+    start reuseport baseline "$build/bench/baseline_reuseport" --listen 127.0.0.1:0 --workers 2
+    measure reuseport "$round" "${wrk_args[@]}"
+    start inherit serve "$cli" serve --listen 127.0.0.1:0 --workers 2 --mode inherit
+    measure inherit "$round" "${wrk_args[@]}"
+    start naive baseline "$build/bench/baseline_naive_dispatch" --listen 127.0.0.1:0 --workers 2
+    measure naive "$round" "${wrk_args[@]}"
+    start dispatch serve "$cli" serve --listen 127.0.0.1:0 --workers 2 --mode dispatch
+    measure dispatch "$round" "${wrk_args[@]}"
+  done
+
+  echo "Scenario 1: uniform tiny requests, new connection per request;" \
+       "wrk -t$threads -c$connections -d$duration --latency -H 'Connection: close', $rounds rounds"
+  printf '%-10s %10s %8s %8s %8s %12s %12s  %s\n' config "conn/s" "p50 us" "p90 us" "p99 us" \
+    "accepter us" "workers us" "all rounds (conn/s)"
+  for config in reuseport inherit naive dispatch; do
+    read -r rps p50 p90 p99 reqs cpu_d cpu_w <<<"$(median "$config")"
+    all=$(for round in $(seq 1 "$rounds"); do echo "${results[$config,$round]}" | awk '{printf "%s ", $1}'; done)
+    # CPU per connection: of the process wrk connects to (the dispatcher; for reuseport and
+    # inherit the supervisor or parent, which does no per-connection work) and of its workers.
+    read -r us_d us_w <<<"$(awk -v d="$cpu_d" -v w="$cpu_w" -v t="$ticks" -v r="$reqs" \
+      'BEGIN { printf "%.2f %.2f", d / t * 1e6 / r, w / t * 1e6 / r }')"
+    printf '%-10s %10s %8s %8s %8s %12s %12s  %s\n' "$config" "$rps" "$p50" "$p90" "$p99" "$us_d" "$us_w" "$all"
+  done
+  echo
+  report_ratio inherit reuseport 0.97 "inherit  / reuseport"
+  report_ratio dispatch reuseport 0.90 "dispatch / reuseport"
+  report_ratio dispatch naive 0.97 "dispatch / naive"
+  report_ratio naive reuseport 0 "naive    / reuseport"
+  echo
+done
 
 # Scenario 1b: the same comparison at a FIXED connection rate (open loop, serve_loadgen): the
 # CPU each configuration's processes use per connection, which background load on a shared
@@ -249,6 +267,30 @@ for rate in $uneven_rates; do
   stop
   r_all=$(ratio "$la" "$ra")
   echo "       dispatch+least / reuseport: p99 all $r_all (target <= 0.50: $(awk -v r="$r_all" 'BEGIN { print (r <= 0.5 ? "met" : "NOT met") }')), p99 short $(ratio "$ls" "$rs")"
+done
+echo
+
+# Scenario 2b, closed loop (wrk): every 20th request of each wrk thread burns 20 ms.
+echo "Scenario 2b: uneven work, 5% of requests burn 20 ms; closed loop, wrk -t1 -d$duration -s bench/burn.lua"
+printf '%-6s %-16s %10s %9s %9s %9s\n' conns config "req/s" "p50 us" "p90 us" "p99 us"
+for conns in $uneven_connections; do
+  row() {  # NAME: one wrk run against $PORT, prints a row, sets P99
+    local out
+    out=$(run_wrk "$1" "$PORT" -t1 -c"$conns" -s bench/burn.lua)
+    read -r rps p50 p90 P99 _ <<<"$out"
+    printf '%-6s %-16s %10s %9s %9s %9s\n' "$conns" "$1" "$rps" "$p50" "$p90" "$P99"
+    stop
+  }
+  start wrk-uneven-reuseport baseline "$build/bench/baseline_reuseport" --listen 127.0.0.1:0 --workers 2
+  row reuseport
+  ra=$P99
+  start wrk-uneven-least serve "$cli" serve --listen 127.0.0.1:0 --workers 2 --mode dispatch --policy least
+  row dispatch+least
+  la=$P99
+  start wrk-uneven-rr serve "$cli" serve --listen 127.0.0.1:0 --workers 2 --mode dispatch --policy rr
+  row dispatch+rr
+  r_all=$(ratio "$la" "$ra")
+  echo "       dispatch+least / reuseport: p99 $r_all (target <= 0.50: $(awk -v r="$r_all" 'BEGIN { print (r <= 0.5 ? "met" : "NOT met") }'))"
 done
 echo
 echo "load average after: $(cut -d' ' -f1-3 /proc/loadavg)"
