@@ -25,7 +25,7 @@
 #   2a open loop (bench/serve_loadgen): requests due at each rate of UNEVEN_RATES (below
 #      saturation), a new connection each; p50/p99 overall, for the short requests and for the
 #      burning ones, measured from the time each request was due;
-#   2b closed loop (wrk -s bench/burn.lua, every 20th request burns) at each connection count
+#   2b closed loop (wrk -s bench/burn.lua, 5% drawn at random burn) at each connection count
 #      of UNEVEN_CONNECTIONS: wrk's own latency percentiles.
 # Every process started here is stopped on exit (trap), whatever happens.
 set -euo pipefail
@@ -270,7 +270,7 @@ for rate in $uneven_rates; do
 done
 echo
 
-# Scenario 2b, closed loop (wrk): every 20th request of each wrk thread burns 20 ms.
+# Scenario 2b, closed loop (wrk): 5% of requests, drawn at random, burn 20 ms.
 echo "Scenario 2b: uneven work, 5% of requests burn 20 ms; closed loop, wrk -t1 -d$duration -s bench/burn.lua"
 printf '%-6s %-16s %10s %9s %9s %9s\n' conns config "req/s" "p50 us" "p90 us" "p99 us"
 for conns in $uneven_connections; do

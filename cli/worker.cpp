@@ -37,6 +37,7 @@ constexpr std::size_t kMaxPendingOutput = 1 << 20;  // stop answering pipelined 
 constexpr std::int64_t kIdleTimeoutSeconds = 60;
 constexpr std::int64_t kDrainGraceSeconds = 2;  // idle connections left once draining
 constexpr std::size_t kAcceptBatch = 64;
+constexpr int kDrainAcceptBatches = 4;  // what a draining worker takes from a shared queue
 constexpr std::size_t kKeepBuffer = 4096;  // buffer capacity a closed connection's slot keeps
 constexpr auto kLoadReportDelay = std::chrono::milliseconds(1);
 // Finished handed-off connections whose final close waits for the dispatcher (see
@@ -122,7 +123,7 @@ class Server {
   void setup_signals();
   void add(std::uint64_t tag, int fd, std::uint32_t events);
   void on_channel();
-  void on_listener(std::size_t position);
+  bool on_listener(std::size_t position);  // true: a full batch, more may be queued
   void on_signal();
   void adopt(Fd socket, bool shared, std::vector<std::byte>* initial_bytes);
   void serve(Conn& conn, bool readable);
@@ -304,8 +305,8 @@ void Server::on_channel() {
   if (!more) begin_drain("dispatcher asked to drain or went away");
 }
 
-void Server::on_listener(std::size_t position) {
-  if (position >= listeners_.size() || !listeners_[position].socket.valid()) return;
+bool Server::on_listener(std::size_t position) {
+  if (position >= listeners_.size() || !listeners_[position].socket.valid()) return false;
   const int listener = listeners_[position].socket.get();
   for (std::size_t i = 0; i < kAcceptBatch; ++i) {
     int fd = sys::retry_eintr(
@@ -315,7 +316,7 @@ void Server::on_listener(std::size_t position) {
       continue;
     }
     const int err = errno;
-    if (err == EAGAIN || err == EWOULDBLOCK) return;
+    if (err == EAGAIN || err == EWOULDBLOCK) return false;
     if (err == EMFILE || err == ENFILE) {
       // R21: with level-triggered epoll the pending connection would wake us forever. Free
       // the reserve, take the connection and close it: the client sees a clean close instead
@@ -331,13 +332,14 @@ void Server::on_listener(std::size_t position) {
         log::warn("accept-overloaded", "index={} listener={} errno={} shed_total={}", index_,
                   listeners_[position].name, errno_name(err), shed_);
       }
-      return;
+      return false;
     }
     if (err == ECONNABORTED || err == EPROTO || err == EPERM) continue;  // that client gave up
     log::error("accept-failed", "index={} listener={} errno={}", index_, listeners_[position].name,
                errno_name(err));
-    return;
+    return false;
   }
+  return true;
 }
 
 void Server::on_signal() {
@@ -560,10 +562,17 @@ void Server::begin_drain(std::string_view why) {
   if (worker_) {
     ::epoll_ctl(epoll_.get(), EPOLL_CTL_DEL, worker_->native_handle().get(), nullptr);
   }
-  for (auto& listener : listeners_) {
+  for (std::size_t i = 0; i < listeners_.size(); ++i) {
+    if (!listeners_[i].socket.valid()) continue;
     // Shared with the other workers: the registration must go before our copy does.
-    ::epoll_ctl(epoll_.get(), EPOLL_CTL_DEL, listener.socket.get(), nullptr);
-    listener.socket.reset();
+    ::epoll_ctl(epoll_.get(), EPOLL_CTL_DEL, listeners_[i].socket.get(), nullptr);
+    // EPOLLEXCLUSIVE woke only us for what is queued now, and may have done so already: left
+    // there, those clients would wait for another worker's next wake-up. Arrivals after the
+    // EPOLL_CTL_DEL wake the others. A per-worker SO_REUSEPORT listener would reset what it
+    // still queues when closed: taking it first helps there too.
+    for (int batch = 0; batch < kDrainAcceptBatches && on_listener(i); ++batch) {
+    }
+    listeners_[i].socket.reset();
   }
   for (auto& slot : conns_) {
     if (!slot || !slot->fd.valid()) continue;

@@ -14,6 +14,8 @@
 #include <atomic>
 #include <chrono>
 #include <cstring>
+#include <fstream>
+#include <iterator>
 #include <map>
 #include <optional>
 #include <set>
@@ -24,6 +26,7 @@
 
 #include "linux/sys.hpp"
 #include "sockshare/fd.hpp"
+#include "sockshare/socket.hpp"
 #include "support/harness.hpp"
 
 extern char** environ;
@@ -545,6 +548,46 @@ TEST_F(Cli, S6_InheritModeReusePortPerWorker) {
     indexes.insert(served->index);
   }
   EXPECT_EQ(indexes.size(), 2U);
+}
+
+// A worker that drains while a connection's wake-up is already on its way to it: with one
+// shared listener and EPOLLEXCLUSIVE only that worker was woken, so if it closed its copy of
+// the listener without accepting, the client would wait for someone else's next wake-up
+// (here there is nobody else: it would wait forever). It takes what is queued first.
+TEST_F(Cli, S6_DrainingInheritWorkerServesTheConnectionItWasWokenFor) {
+  Fd listener = sockshare::listen_on(sockshare::parse_endpoint("127.0.0.1:0"));
+  const std::uint16_t port = sockshare::local_endpoint(listener.borrow()).port;
+  // LISTEN_PID must name the worker itself: the shell execs it, keeping its pid.
+  Child worker = Child::program(
+      {"/bin/sh", "-c", "LISTEN_PID=$$ exec \"$0\" __worker", kCli},
+      {.inherit = {listener.borrow()}, .env = {"LISTEN_FDS=1", "LISTEN_FDNAMES=web"}});
+  std::optional<Served> served;
+  const auto deadline = Clock::now() + 10s;
+  while (!served && Clock::now() < deadline) served = who(http_get(port));
+  ASSERT_TRUE(served) << "the worker never answered";
+  ASSERT_EQ(served->pid, worker.pid());
+
+  // Stopped, it gets SIGTERM (its signalfd turns ready) and then a connection (the listener
+  // turns ready): on resume it sees both, the drain first.
+  ASSERT_EQ(::kill(worker.pid(), SIGSTOP), 0);
+  std::string state;
+  while (state != "T" && Clock::now() < deadline + 10s) {
+    std::ifstream file("/proc/" + std::to_string(worker.pid()) + "/stat");
+    const std::string stat((std::istreambuf_iterator<char>(file)), std::istreambuf_iterator<char>());
+    auto close_paren = stat.rfind(')');
+    state = close_paren == std::string::npos ? "" : stat.substr(close_paren + 2, 1);
+  }
+  ASSERT_EQ(state, "T");
+  ASSERT_EQ(::kill(worker.pid(), SIGTERM), 0);
+  Fd client = connect_tcp(port);
+  ASSERT_TRUE(client.valid());
+  ASSERT_TRUE(send_all(client, "GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"));
+  ASSERT_EQ(::kill(worker.pid(), SIGCONT), 0);
+
+  auto responses = parse_responses(read_to_eof(client, 5s));
+  ASSERT_EQ(responses.size(), 1U) << "the draining worker left the connection in the backlog";
+  EXPECT_EQ(responses[0].status, 200);
+  EXPECT_EQ(worker.wait_exit(10s), 0);
 }
 
 TEST_F(Cli, S6_ExternalPythonWorkerInInheritMode) {
