@@ -224,6 +224,12 @@ public:
   // every connection is acknowledged and every worker said bye, or at the deadline
   // (unacknowledged connections then count as dropped).
   void drain(std::chrono::milliseconds deadline);
+  // One worker finishes and leaves (a reload retiring it, a scale-down): it gets no new
+  // connection from now on, receives kDrain after what was already sent to it, serves and
+  // acknowledges those, says bye and exits; the others keep serving. `deadline` travels in
+  // the kDrain message. Its remaining unacknowledged connections, if it goes away without
+  // acknowledging them, go to the others as for any lost worker.
+  void drain_worker(WorkerId id, std::chrono::milliseconds deadline);
   // True once a drain has completed (or hit its deadline).
   [[nodiscard]] bool drained() const noexcept;
   // True once stop() was called.

@@ -169,9 +169,9 @@ public:
 
   // Retiring one generation of several that share the dispatcher: like shutdown() (no more
   // restarts, SIGKILL at the deadline) but the dispatcher keeps its listeners and the other
-  // generations' workers. Every worker gets SIGTERM now; a dispatch worker that honours it
-  // (the built-in one does) stops reading its channel, so what the dispatcher already sent
-  // it and it did not take is still unacknowledged and goes to another worker when it exits.
+  // generations' workers. Dispatch workers are drained one by one (Dispatcher::drain_worker:
+  // nothing new is sent to them, they serve what they were sent and leave), SIGTERM follows
+  // halfway to the deadline for those still running; inherit workers get SIGTERM now.
   void retire(std::chrono::milliseconds grace);
 
   // For a caller that drives several supervisors on one dispatcher: the next moment one of

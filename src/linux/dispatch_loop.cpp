@@ -15,6 +15,7 @@
 #include <atomic>
 #include <cstring>
 #include <deque>
+#include <optional>
 #include <string>
 #include <unordered_map>
 #include <utility>
@@ -92,6 +93,8 @@ struct WorkerState {
   bool hello = false;
   bool bye = false;
   bool drain_sent = false;
+  // drain_worker(): no new connections; kDrain goes out after what is already picked for it.
+  std::optional<Clock::time_point> drain_until;
   bool want_out = false;       // EPOLLOUT registered: the channel was full
   Clock::time_point blocked_since{};
   Clock::time_point paused_until{};  // after a reject or ETOOMANYREFS
@@ -214,7 +217,7 @@ struct Dispatcher::Impl {
   // ---- capacity and policies ----
 
   [[nodiscard]] bool available(const WorkerState& w, Clock::time_point now) const {
-    return w.hello && !w.bye && !w.drain_sent && !w.want_out && now >= w.paused_until &&
+    return w.hello && !w.bye && !w.drain_sent && !w.drain_until && !w.want_out && now >= w.paused_until &&
            w.load() < opt.max_in_flight && !busy(w, now);
   }
 
@@ -567,7 +570,9 @@ struct Dispatcher::Impl {
       }
       bump(counters.dispatched, count);
     }
-    if (draining && w.outbox.empty() && !w.drain_sent && !w.bye && !w.want_out) send_drain(w, now);
+    if ((draining || w.drain_until) && w.outbox.empty() && !w.drain_sent && !w.bye && !w.want_out) {
+      send_drain(w, now);
+    }
   }
 
   // A worker that cannot take its batch now is no candidate any more: what was picked for it
@@ -579,7 +584,10 @@ struct Dispatcher::Impl {
   }
 
   void send_drain(WorkerState& w, Clock::time_point now) {
-    const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(drain_deadline - now);
+    const auto until = draining && w.drain_until ? std::min(drain_deadline, *w.drain_until)
+                       : draining                ? drain_deadline
+                                                 : *w.drain_until;
+    const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(until - now);
     std::byte payload[4];
     const auto ms = static_cast<std::uint32_t>(std::max<std::int64_t>(0, left.count()));
     for (int i = 0; i < 4; ++i) payload[i] = static_cast<std::byte>((ms >> (8 * i)) & 0xFF);
@@ -686,7 +694,7 @@ struct Dispatcher::Impl {
           log(describe(w) + " says it is worker " + std::to_string(get_u32(p.data())));
         }
         log(describe(w) + " ready");
-        if (draining) w.dirty = true;  // it joined late: tell it to drain at once
+        if (draining || w.drain_until) w.dirty = true;  // it joined late: tell it to drain at once
         return true;
       case kAck: {
         if (p.empty() || p.size() % 8 != 0) {
@@ -921,7 +929,7 @@ struct Dispatcher::Impl {
     for (std::size_t i = 0; i < workers.size(); ++i) {
       // flush() may cut the worker (erasing it): re-check the position each time.
       WorkerState* w = workers[i].get();
-      if (w->dirty || (draining && !w->drain_sent && w->hello)) {
+      if (w->dirty || ((draining || w->drain_until) && !w->drain_sent && w->hello)) {
         const WorkerId id = w->id;
         flush(*w, now);
         if (i < workers.size() && workers[i]->id != id) --i;  // erased: revisit this slot
@@ -1052,6 +1060,18 @@ void Dispatcher::drain(std::chrono::milliseconds deadline) {
   d.route_pending(now);
   for (auto& w : d.workers) w->dirty = true;
   d.log("draining: listeners closed, deadline " + std::to_string(deadline.count()) + " ms");
+}
+
+void Dispatcher::drain_worker(WorkerId id, std::chrono::milliseconds deadline) {
+  Impl& d = *impl_;
+  WorkerState* w = d.find_worker(id);
+  if (w == nullptr || w->drain_until) return;
+  const auto now = Clock::now();
+  w->drain_until = now + deadline;
+  w->dirty = true;
+  // Picked for it but not sent yet: those go to the workers that stay.
+  d.reroute_outbox(*w, now);
+  d.log(d.describe(*w) + " draining, deadline " + std::to_string(deadline.count()) + " ms");
 }
 
 bool Dispatcher::drained() const noexcept { return impl_->drained; }

@@ -544,6 +544,14 @@ void Supervisor::Impl::stop(std::chrono::milliseconds grace, bool drain_dispatch
     // for workers that do not read their channel, SIGKILL at the deadline.
     s.dispatcher.drain(grace);
     s.term_at = now + grace / 2;
+  } else if (s.opt.mode == WorkerMode::dispatch) {
+    // Retiring these workers while the dispatcher goes on serving (a reload): each gets no
+    // new connection and a drain message after what was sent to it. A signal instead would
+    // leave the dispatcher sending it connections until it exited.
+    for (auto& slot : s.slots) {
+      if (slot.running && slot.worker_id != 0) s.dispatcher.drain_worker(slot.worker_id, grace);
+    }
+    s.term_at = now + grace / 2;
   } else {
     s.term_at = now;
   }

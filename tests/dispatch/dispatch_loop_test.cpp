@@ -589,6 +589,52 @@ TEST_F(DispatchLoop, S6_DrainFinishesWhenWorkersAcknowledgeAndSayBye) {
   test::expect_accounted(d);
 }
 
+// A reload retires one worker while the dispatcher goes on serving: nothing new goes to it,
+// it still serves what was already sent to it, says bye and leaves without counting as lost.
+TEST_F(DispatchLoop, S6_DrainedWorkerGetsNothingNewAndServesWhatItWasSent) {
+  auto [listener, ep] = loopback_listener();
+  Dispatcher d;  // round robin: without the drain every other connection would go to worker 0
+  int lost_calls = 0;
+  d.on_worker_lost = [&](WorkerId, pid_t) { ++lost_calls; };
+  d.add_listener("web", std::move(listener));
+  auto [ours0, theirs0] = Channel::pair();
+  auto [ours1, theirs1] = Channel::pair();
+  const WorkerId first = d.add_worker(std::move(ours0), ::getpid(), 0);
+  d.add_worker(std::move(ours1), ::getpid(), 1);
+  Worker retiring(std::move(theirs0), 0);
+  Worker staying(std::move(theirs1), 1);
+  ASSERT_TRUE(pump(d, [&] {
+    auto w = d.workers();
+    return w.size() == 2 && w[0].ready && w[1].ready;
+  }));
+
+  Client before(ep, "a\n");
+  ASSERT_TRUE(pump(d, [&] { return d.stats().dispatched == 1; }));
+  ASSERT_EQ(d.workers()[0].in_flight, 1u);  // sent to worker 0, not taken yet
+  d.drain_worker(first, 5s);
+
+  std::vector<Client> after;
+  for (int i = 0; i < 6; ++i) after.emplace_back(ep, "b\n");
+  ASSERT_TRUE(pump(d, [&] { serve_all(staying); return test::all_done(after); }));
+  for (auto& c : after) EXPECT_EQ(c.field("w"), "1");
+
+  std::vector<Connection> got;
+  EXPECT_FALSE(retiring.poll(got)) << "the drain message did not arrive";
+  ASSERT_EQ(got.size(), 1u);
+  test::serve(got[0], 0);
+  got.clear();
+  ASSERT_TRUE(pump(d, [&] { return before.advance(); }));
+  EXPECT_EQ(before.field("w"), "0");
+  { Worker gone = std::move(retiring); }  // exits after its bye
+  ASSERT_TRUE(pump(d, [&] { return d.workers().size() == 1; }));
+  EXPECT_EQ(lost_calls, 0);
+  test::settle(d);
+  const Stats s = d.stats();
+  EXPECT_EQ(s.redispatched, 0u);
+  EXPECT_EQ(s.dropped, 0u);
+  test::expect_accounted(d);
+}
+
 TEST_F(DispatchLoop, S6_DrainDeadlineDropsWhatWasNeverAcknowledged) {
   auto [listener, ep] = loopback_listener();
   Dispatcher d({.ack_timeout = 60s});
