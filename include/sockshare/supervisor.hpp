@@ -105,7 +105,9 @@ struct SupervisorOptions {
   std::uint32_t crash_loop_exits = 5;
   std::chrono::milliseconds crash_loop_window{10000};
 
-  // The workers die with the supervisor (PR_SET_PDEATHSIG) if it is killed outright.
+  // The workers die with the supervisor (PR_SET_PDEATHSIG) if it is killed outright. The
+  // kernel ties this to the *thread* that started them (start(), restarts from run_once()):
+  // drive the supervisor from a thread that lives as long as the workers should, or set 0.
   int parent_death_signal = 9;  // SIGKILL; 0 to leave workers running
   // Ignore SIGPIPE in the supervisor's process (children get the default back either way).
   bool ignore_sigpipe = true;
