@@ -11,6 +11,7 @@
 #   inherit    sockshare serve --mode inherit  one shared listener, workers accept (EPOLLEXCLUSIVE)
 #   naive      bench/baseline_naive_dispatch   accept + sendmsg to the next worker, nothing else
 #   dispatch   sockshare serve --mode dispatch acks, policy, counters, no connection lost
+#              (its default policy, least loaded; dispatch-rr: the same with --policy rr)
 # at each wrk load of LOADS (THREADSxCONNECTIONS): 1x16 leaves CPU idle (latency-bound: every
 # hop's delay shows), 2x64 keeps both CPUs busy (CPU-bound: every microsecond of work shows).
 # ROUNDS interleaved rounds, the median round per configuration is reported, with the median
@@ -155,7 +156,7 @@ median() {
     awk -v n="$rounds" 'NR == int((n + 1) / 2)'
 }
 # Other work on the machine drifts between rounds, so each ratio is taken within a round (the
-# four configurations of a round run back to back) and the median over rounds is reported.
+# configurations of a round run back to back) and the median over rounds is reported.
 round_ratios() {  # A B: the per-round ratios of A's conn/s to B's, sorted
   local round
   for round in $(seq 1 "$rounds"); do
@@ -185,13 +186,15 @@ for load in $loads; do
     measure naive "$round" "${wrk_args[@]}"
     start dispatch serve "$cli" serve --listen 127.0.0.1:0 --workers 2 --mode dispatch
     measure dispatch "$round" "${wrk_args[@]}"
+    start dispatch-rr serve "$cli" serve --listen 127.0.0.1:0 --workers 2 --mode dispatch --policy rr
+    measure dispatch-rr "$round" "${wrk_args[@]}"
   done
 
   echo "Scenario 1: uniform tiny requests, new connection per request;" \
        "wrk -t$threads -c$connections -d$duration --latency -H 'Connection: close', $rounds rounds"
   printf '%-10s %10s %8s %8s %8s %12s %12s  %s\n' config "conn/s" "p50 us" "p90 us" "p99 us" \
     "accepter us" "workers us" "all rounds (conn/s)"
-  for config in reuseport inherit naive dispatch; do
+  for config in reuseport inherit naive dispatch dispatch-rr; do
     read -r rps p50 p90 p99 reqs cpu_d cpu_w <<<"$(median "$config")"
     all=$(for round in $(seq 1 "$rounds"); do echo "${results[$config,$round]}" | awk '{printf "%s ", $1}'; done)
     # CPU per connection: of the process wrk connects to (the dispatcher; for reuseport and
@@ -205,6 +208,7 @@ for load in $loads; do
   report_ratio dispatch reuseport 0.90 "dispatch / reuseport"
   report_ratio dispatch naive 0.97 "dispatch / naive"
   report_ratio naive reuseport 0 "naive    / reuseport"
+  report_ratio dispatch-rr naive 0 "dispatch-rr / naive"
   echo
 done
 

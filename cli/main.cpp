@@ -62,9 +62,8 @@ int main(int argc, char** argv) {
       ->check(CLI::Range(1, 1024));
   serve_cmd
       ->add_option("-p,--policy", serve.policy,
-                   "Dispatch policy: rr (round-robin), least (least loaded), hash (client "
-                   "address, sticky)")
-      ->capture_default_str()
+                   "Dispatch policy: least (least loaded, the default), rr (round-robin), "
+                   "hash (client address, sticky)")
       ->check(CLI::IsMember({"rr", "least", "hash"}));
   serve_cmd
       ->add_option("-m,--mode", serve.mode,

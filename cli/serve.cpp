@@ -224,6 +224,7 @@ class Serve {
   std::string render_prometheus() const;
 
   const ServeOptions& options_;
+  std::string policy_;  // the dispatch policy in effect
   std::string self_path_;
   systemd::ListenFds activation_;
   std::vector<ListenSpec> specs_;
@@ -297,9 +298,12 @@ Serve::Serve(const ServeOptions& options, const std::string& self_path,
   if (options.reuseport && dispatch_mode_) {
     throw UsageError("--reuseport gives each worker its own listener: it needs --mode inherit");
   }
-  if (!dispatch_mode_ && options.policy != "rr") {
+  if (!dispatch_mode_ && !options.policy.empty()) {
     throw UsageError("--policy needs --mode dispatch: in inherit mode the kernel picks the worker");
   }
+  // Least loaded by default: it routes around a worker busy on a long request, which is what
+  // a dispatcher is for, and costs no more than round robin (docs/benchmarks/serve.md).
+  policy_ = options.policy.empty() ? "least" : options.policy;
   if (!dispatch_mode_ && options.peek_bytes > 0)
     throw UsageError("--peek-bytes needs --mode dispatch");
   if (!(options.drain_timeout_s >= 0 && options.drain_timeout_s <= 3600)) {
@@ -309,7 +313,7 @@ Serve::Serve(const ServeOptions& options, const std::string& self_path,
     throw UsageError("--ready-timeout: more than 0, at most 3600 seconds");
   }
   specs_ = parse_listeners(options.listen);
-  dispatcher_options_.policy = parse_policy(options.policy);
+  dispatcher_options_.policy = parse_policy(policy_);
   dispatcher_options_.max_in_flight = options.max_in_flight == 0 ? 1 : options.max_in_flight;
   dispatcher_options_.peek_bytes = options.peek_bytes;
   if (!options.control.empty()) {
@@ -822,7 +826,7 @@ int Serve::run() {
   }
   log::info("control", "endpoint={}", log::value(control_->endpoint().to_string()));
   log::info("started", "pid={} workers={} mode={} policy={} worker={}", ::getpid(),
-            options_.workers, options_.mode, dispatch_mode_ ? options_.policy : "kernel",
+            options_.workers, options_.mode, dispatch_mode_ ? policy_ : "kernel",
             log::value(options_.command.empty() ? std::string("built-in") : options_.command[0]));
 
   while (!(stopping_ && all_finished())) {
@@ -984,7 +988,7 @@ std::string Serve::render_text() const {
   out += fmt::format("sockshare serve, pid {}, up {:.1f} s, mode {}, {}\n", ::getpid(),
                      uptime.count(), options_.mode,
                      dispatch_mode_
-                         ? "policy " + options_.policy
+                         ? "policy " + policy_
                          : std::string(options_.reuseport ? "one SO_REUSEPORT listener per worker"
                                                           : "one shared listener"));
   for (std::size_t i = 0; i < specs_.size(); ++i) {

@@ -18,7 +18,7 @@ class UsageError : public std::runtime_error {
 struct ServeOptions {
   std::vector<std::string> listen;  // [name=]endpoint
   std::uint32_t workers = 2;
-  std::string policy = "rr";      // rr | least | hash
+  std::string policy;             // rr | least | hash; empty: least (dispatch mode)
   std::string mode = "dispatch";  // dispatch | inherit
   bool reuseport = false;         // inherit mode: one SO_REUSEPORT listener per worker
   std::string control;            // endpoint; empty: control::default_endpoint

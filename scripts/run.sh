@@ -3,7 +3,7 @@
 # (Release, in build/), then runs it in the foreground: 2 built-in HTTP workers behind a
 # dispatcher on 127.0.0.1:8080. Try `curl http://127.0.0.1:8080/` from another terminal; stop
 # it with Ctrl-C (a graceful drain). Extra arguments go to `sockshare serve`, e.g.
-#   scripts/run.sh --policy least          scripts/run.sh --mode inherit
+#   scripts/run.sh --policy rr             scripts/run.sh --mode inherit
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
