@@ -36,7 +36,7 @@ constexpr int kReadsPerEvent = 4;                   // fairness between connecti
 constexpr std::size_t kMaxPendingOutput = 1 << 20;  // stop answering pipelined requests beyond
 constexpr std::int64_t kIdleTimeoutSeconds = 60;
 constexpr std::int64_t kDrainGraceSeconds = 2;  // idle connections left once draining
-constexpr std::size_t kAcceptBatch = 64;
+constexpr std::size_t kAcceptBatch = 64;  // accepts per call while draining
 constexpr int kDrainAcceptBatches = 4;  // what a draining worker takes from a shared queue
 constexpr std::size_t kKeepBuffer = 4096;  // buffer capacity a closed connection's slot keeps
 constexpr auto kLoadReportDelay = std::chrono::milliseconds(1);
@@ -308,7 +308,13 @@ void Server::on_channel() {
 bool Server::on_listener(std::size_t position) {
   if (position >= listeners_.size() || !listeners_[position].socket.valid()) return false;
   const int listener = listeners_[position].socket.get();
-  for (std::size_t i = 0; i < kAcceptBatch; ++i) {
+  // One connection per wake-up while serving: the listener is usually shared, and with
+  // EPOLLEXCLUSIVE the next arrival then wakes another worker instead of this one taking a
+  // run of them (fewer failed accepts, fewer connections waiting behind one worker; measured
+  // in docs/benchmarks/serve.md). Level-triggered epoll reports what is still queued at once.
+  // A draining worker takes what is queued in batches.
+  const std::size_t batch = draining_ ? kAcceptBatch : 1;
+  for (std::size_t i = 0; i < batch; ++i) {
     int fd = sys::retry_eintr(
         [&] { return ::accept4(listener, nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC); });
     if (fd >= 0) {
