@@ -692,18 +692,28 @@ TEST_F(Cli, R12_KilledWorkerUnderLoadIsRestartedAndRequestsKeepSucceeding) {
   EXPECT_EQ(s.child.wait_exit(20s), 0);
 }
 
+// Sends a request that burns `ms` of worker CPU and returns its connection once the request
+// is in service: the worker reports load 1 before burning. Invalid if that never showed.
+Fd start_burn(const Server& s, int ms) {
+  Fd busy = connect_tcp(s.port);
+  if (!busy.valid() ||
+      !send_all(busy, "GET /burn?ms=" + std::to_string(ms) +
+                          " HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")) {
+    return Fd();
+  }
+  const auto deadline = Clock::now() + 10s;
+  while (Clock::now() < deadline) {
+    Captured st = run_capture({kCli, "status", "--control", s.control});
+    if (st.out.find("load 1") != std::string::npos) return busy;
+  }
+  return Fd();
+}
+
 TEST_F(Cli, S6_LeastLoadedRoutesAroundABusyWorker) {
   Server s = Server::start({"--listen", "127.0.0.1:0", "--workers", "2", "--policy", "least"});
   ASSERT_NE(s.port, 0);
-  Fd busy = connect_tcp(s.port);
-  ASSERT_TRUE(send_all(busy, "GET /burn?ms=1500 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"));
-  const auto deadline = Clock::now() + 10s;
-  bool in_service = false;
-  while (!in_service && Clock::now() < deadline) {
-    Captured st = run_capture({kCli, "status", "--control", s.control});
-    in_service = st.out.find("load 1") != std::string::npos;
-  }
-  ASSERT_TRUE(in_service);
+  Fd busy = start_burn(s, 1500);
+  ASSERT_TRUE(busy.valid());
   const auto started = Clock::now();
   std::set<int> quick;
   for (int i = 0; i < 10; ++i) {
@@ -725,16 +735,8 @@ TEST_F(Cli, S6_LeastLoadedRoutesAroundABusyWorker) {
 TEST_F(Cli, SigtermDrainsRequestInServiceAndExitsZero) {
   Server s = Server::start({"--listen", "127.0.0.1:0", "--workers", "1", "--drain-timeout", "10"});
   ASSERT_NE(s.port, 0);
-  Fd busy = connect_tcp(s.port);
-  ASSERT_TRUE(send_all(busy, "GET /burn?ms=600 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"));
-  // The request is in service once the worker reports load 1 (it does before burning).
-  const auto deadline = Clock::now() + 10s;
-  bool in_service = false;
-  while (!in_service && Clock::now() < deadline) {
-    Captured st = run_capture({kCli, "status", "--control", s.control});
-    in_service = st.out.find("load 1") != std::string::npos;
-  }
-  ASSERT_TRUE(in_service);
+  Fd busy = start_burn(s, 600);
+  ASSERT_TRUE(busy.valid());
   s.child.kill(SIGTERM);
   auto responses = parse_responses(read_to_eof(busy));
   ASSERT_EQ(responses.size(), 1U);

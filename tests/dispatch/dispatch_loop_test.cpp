@@ -36,6 +36,17 @@ void send_hello(Channel& raw, std::uint32_t index) {
   raw.send({.type = kHello, .payload = hello}, 5s);
 }
 
+// A custom policy that sends everything to worker 0 whenever it is a candidate (a stuck,
+// silent or misbehaving worker under test), to the first candidate otherwise.
+PickFunction prefer_worker_zero() {
+  return [](const ConnectionInfo&, std::span<const WorkerView> c) {
+    for (std::size_t i = 0; i < c.size(); ++i) {
+      if (c[i].index == 0) return i;
+    }
+    return std::size_t{0};
+  };
+}
+
 // Serves every connection `worker` has received; returns how many.
 std::size_t serve_all(Worker& worker) {
   std::vector<Connection> got;
@@ -231,12 +242,7 @@ TEST_F(DispatchLoop, R10_EveryWorkerFullStopsAcceptingUntilOneHasRoom) {
 TEST_F(DispatchLoop, R10_FullChannelSendsTheBatchElsewhereAndNeverBlocks) {
   auto [listener, ep] = loopback_listener();
   Dispatcher d({.policy = Policy::custom,
-                .custom_pick = [](const ConnectionInfo&, std::span<const WorkerView> c) {
-                  for (std::size_t i = 0; i < c.size(); ++i) {
-                    if (c[i].index == 0) return i;  // the stuck one whenever it can take more
-                  }
-                  return std::size_t{0};
-                },
+                .custom_pick = prefer_worker_zero(),
                 .max_in_flight = 100000,
                 .ack_timeout = 2500ms});
   d.add_listener("web", std::move(listener));
@@ -432,12 +438,7 @@ TEST_F(DispatchLoop, R12_WithNoWorkerLeftConnectionsWaitForTheNextOne) {
 TEST_F(DispatchLoop, R12_AckTimeoutCutsWorkerOffAndRedispatches) {
   auto [listener, ep] = loopback_listener();
   Dispatcher d({.policy = Policy::custom,
-                .custom_pick = [](const ConnectionInfo&, std::span<const WorkerView> c) {
-                  for (std::size_t i = 0; i < c.size(); ++i) {
-                    if (c[i].index == 0) return i;  // the silent one whenever it is there
-                  }
-                  return std::size_t{0};
-                },
+                .custom_pick = prefer_worker_zero(),
                 .ack_timeout = 100ms});
   std::vector<std::pair<WorkerId, pid_t>> lost;
   d.on_worker_lost = [&](WorkerId id, pid_t pid) { lost.emplace_back(id, pid); };
@@ -468,12 +469,7 @@ TEST_F(DispatchLoop, R12_AckTimeoutCutsWorkerOffAndRedispatches) {
 void expect_cut_off_for(const std::function<void(Channel&, const Message&)>& misbehave) {
   auto [listener, ep] = loopback_listener();
   Dispatcher d({.policy = Policy::custom,
-                .custom_pick = [](const ConnectionInfo&, std::span<const WorkerView> c) {
-                  for (std::size_t i = 0; i < c.size(); ++i) {
-                    if (c[i].index == 0) return i;
-                  }
-                  return std::size_t{0};
-                }});
+                .custom_pick = prefer_worker_zero()});
   d.add_listener("web", std::move(listener));
   auto [ours, bad] = Channel::pair();
   d.add_worker(std::move(ours), ::getpid(), 0);
@@ -529,12 +525,7 @@ TEST_F(DispatchLoop, R13_UnknownMessageTypeCutsTheWorkerOff) {
 TEST_F(DispatchLoop, R9_RejectedBatchGoesToAnotherWorker) {
   auto [listener, ep] = loopback_listener();
   Dispatcher d({.policy = Policy::custom,
-                .custom_pick = [](const ConnectionInfo&, std::span<const WorkerView> c) {
-                  for (std::size_t i = 0; i < c.size(); ++i) {
-                    if (c[i].index == 0) return i;
-                  }
-                  return std::size_t{0};
-                }});
+                .custom_pick = prefer_worker_zero()});
   d.add_listener("web", std::move(listener));
   auto [ours, raw] = Channel::pair();
   d.add_worker(std::move(ours), ::getpid(), 0);
