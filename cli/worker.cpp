@@ -145,7 +145,6 @@ class Server {
   std::vector<Listener> listeners_;
   std::vector<std::unique_ptr<Conn>> conns_;  // indexed by descriptor
   std::size_t active_ = 0;
-  bool burned_ = false;  // a burn ended this round: the next load report is not delayed
   std::uint32_t index_ = 0;
   bool draining_ = false;
   std::string body_;
@@ -249,7 +248,7 @@ int Server::run() {
       }
     }
     if (now_seconds() != last_sweep_) sweep_idle();
-    report_load(std::exchange(burned_, false));
+    report_load(false);
   }
   log::info("worker-down", "index={} pid={}", index_, ::getpid());
   return 0;
@@ -257,8 +256,10 @@ int Server::run() {
 
 // Connections that open and close within a millisecond say nothing useful about load, and a
 // report per change would double the channel traffic per connection (and make a worker that
-// is merely waiting for a request look as busy as one deep in work): a change is reported once
-// it has lasted a millisecond, or at once when the worker is about to be busy (a burn).
+// is merely waiting for a request look as busy as one deep in work): a rise is reported once
+// it has lasted a millisecond, or at once when the worker is about to be busy (a burn). A fall
+// below what was reported goes out at once: a load the dispatcher still believes would keep
+// connections from a worker that is free again (after a burn, say).
 void Server::report_load(bool now) {
   if (!worker_ || draining_) return;
   if (active_ == reported_load_) {
@@ -267,7 +268,7 @@ void Server::report_load(bool now) {
   }
   const auto t = Clock::now();
   if (change_since_ == Clock::time_point{}) change_since_ = t;
-  if (!now && t - change_since_ < kLoadReportDelay) return;
+  if (!now && active_ > reported_load_ && t - change_since_ < kLoadReportDelay) return;
   change_since_ = Clock::time_point{};
   reported_load_ = active_;
   try {
@@ -418,8 +419,6 @@ void Server::burn(std::uint32_t ms) {
   while (Clock::now() < until) {
     for (int i = 0; i < 1000; ++i) sink = sink + static_cast<std::uint64_t>(i);
   }
-  // The dispatcher stopped sending here while we burned: tell it at once that we are free.
-  burned_ = true;
 }
 
 void Server::answer(Conn& conn) {
