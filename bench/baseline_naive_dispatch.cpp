@@ -5,10 +5,13 @@
 // soon as a connection arrives, as the built-in worker does in dispatch mode. The distance
 // between this and `sockshare serve --mode dispatch` is what sockshare's guarantees cost.
 //
-//   baseline_naive_dispatch [--listen 127.0.0.1:0] [--workers 2]
+//   baseline_naive_dispatch [--listen 127.0.0.1:0] [--workers 2] [--defer-accept SECONDS]
+// (--defer-accept sets TCP_DEFER_ACCEPT on the listener, as `sockshare serve` does by default
+// with its built-in worker, so the two can be compared with and without it.)
 // prints "listening 127.0.0.1:PORT" and "dispatcher PID" on stdout; SIGTERM stops all.
 #include <arpa/inet.h>
 #include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <signal.h>
 #include <sys/epoll.h>
 #include <sys/prctl.h>
@@ -199,11 +202,14 @@ class WorkerLoop {
 int main(int argc, char** argv) {
   std::string listen = "127.0.0.1:0";
   int workers = 2;
+  int defer_accept = 0;
   for (int i = 1; i + 1 < argc; i += 2) {
     if (std::strcmp(argv[i], "--listen") == 0)
       listen = argv[i + 1];
     else if (std::strcmp(argv[i], "--workers") == 0)
       workers = std::atoi(argv[i + 1]);
+    else if (std::strcmp(argv[i], "--defer-accept") == 0)
+      defer_accept = std::atoi(argv[i + 1]);
   }
   ::signal(SIGPIPE, SIG_IGN);
   std::vector<int> channels;
@@ -233,6 +239,9 @@ int main(int argc, char** argv) {
   if (::inet_pton(AF_INET, host.c_str(), &sin.sin_addr) != 1) die("inet_pton");
   if (::bind(listener, reinterpret_cast<sockaddr*>(&sin), sizeof sin) != 0) die("bind");
   if (::listen(listener, 1024) != 0) die("listen");
+  if (defer_accept > 0 &&
+      ::setsockopt(listener, IPPROTO_TCP, TCP_DEFER_ACCEPT, &defer_accept, sizeof defer_accept) != 0)
+    die("TCP_DEFER_ACCEPT");
   socklen_t len = sizeof sin;
   ::getsockname(listener, reinterpret_cast<sockaddr*>(&sin), &len);
   std::printf("listening %s:%d\ndispatcher %d\n", host.c_str(), ntohs(sin.sin_port), ::getpid());

@@ -2,12 +2,16 @@
 // per process, the kernel spreading connections between them. It answers exactly what
 // `sockshare serve`'s built-in worker answers (same headers, "worker I pid P\n" body, same
 // /burn?ms=N and X-Burn-Ms handling), with the same accept -> epoll -> read -> write -> close
-// path, so the benchmark measures how connections reach workers and nothing else.
+// path, so the benchmark measures how connections reach workers and nothing else. With
+// --defer-accept (TCP_DEFER_ACCEPT, as `sockshare serve` sets by default with its built-in
+// worker) an accepted connection has its request already, and is read at once, as the
+// built-in worker does then: accept -> read -> write -> close.
 //
-//   baseline_reuseport [--listen 127.0.0.1:0] [--workers 2]
+//   baseline_reuseport [--listen 127.0.0.1:0] [--workers 2] [--defer-accept SECONDS]
 // prints "listening 127.0.0.1:PORT" on stdout once every worker listens; SIGTERM stops all.
 #include <arpa/inet.h>
 #include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <signal.h>
 #include <sys/epoll.h>
 #include <sys/prctl.h>
@@ -32,7 +36,7 @@ namespace {
   std::exit(1);
 }
 
-int open_listener(const char* host, int port) {
+int open_listener(const char* host, int port, int defer_accept) {
   int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
   if (fd < 0) die("socket");
   int one = 1;
@@ -44,6 +48,9 @@ int open_listener(const char* host, int port) {
   if (::inet_pton(AF_INET, host, &sin.sin_addr) != 1) die("inet_pton");
   if (::bind(fd, reinterpret_cast<sockaddr*>(&sin), sizeof sin) != 0) die("bind");
   if (::listen(fd, 1024) != 0) die("listen");
+  if (defer_accept > 0 &&
+      ::setsockopt(fd, IPPROTO_TCP, TCP_DEFER_ACCEPT, &defer_accept, sizeof defer_accept) != 0)
+    die("TCP_DEFER_ACCEPT");
   return fd;
 }
 
@@ -85,7 +92,7 @@ struct Conn {
   std::string in;
 };
 
-void run_worker(int listener, int index) {
+void run_worker(int listener, int index, bool deferred) {
   ::prctl(PR_SET_PDEATHSIG, SIGKILL);
   ::signal(SIGPIPE, SIG_IGN);
   const std::string body =
@@ -100,6 +107,47 @@ void run_worker(int listener, int index) {
   std::time_t date_second = 0;
   char date[64] = {};
   char buf[16384];
+  // Reads and answers what has arrived; false once the connection is closed.
+  auto serve = [&](int fd) {
+    Conn& conn = conns[static_cast<std::size_t>(fd)];
+    ssize_t got = ::recv(fd, buf, sizeof buf, MSG_DONTWAIT);
+    if (got <= 0) {
+      if (got < 0 && errno == EAGAIN) return true;
+      ::close(fd);
+      return false;
+    }
+    conn.in.append(buf, static_cast<std::size_t>(got));
+    bool close_after = false;
+    std::string out;
+    for (;;) {
+      auto end = conn.in.find("\r\n\r\n");
+      if (end == std::string::npos) break;
+      std::string_view head(conn.in.data(), end + 2);
+      if (unsigned ms = burn_ms(head)) burn(ms);
+      close_after = contains_ci(head, "connection: close");
+      const std::time_t now = std::time(nullptr);
+      if (now != date_second) {
+        date_second = now;
+        std::tm tm{};
+        ::gmtime_r(&now, &tm);
+        std::strftime(date, sizeof date, "Date: %a, %d %b %Y %H:%M:%S GMT\r\n", &tm);
+      }
+      out += "HTTP/1.1 200 OK\r\nServer: sockshare\r\n";
+      out += date;
+      out += "Content-Type: text/plain\r\nContent-Length: " + std::to_string(body.size());
+      out += close_after ? "\r\nConnection: close\r\n\r\n" : "\r\n\r\n";
+      out += body;
+      conn.in.erase(0, end + 4);
+      if (close_after) break;
+    }
+    if (!out.empty() && ::send(fd, out.data(), out.size(), MSG_NOSIGNAL | MSG_DONTWAIT) < 0)
+      close_after = true;
+    if (close_after) {
+      ::close(fd);
+      return false;
+    }
+    return true;
+  };
   for (;;) {
     int n = ::epoll_wait(ep, events.data(), static_cast<int>(events.size()), -1);
     if (n < 0) {
@@ -108,54 +156,22 @@ void run_worker(int listener, int index) {
     }
     for (int i = 0; i < n; ++i) {
       const int fd = events[static_cast<std::size_t>(i)].data.fd;
-      if (fd == listener) {
-        for (int k = 0; k < 64; ++k) {
-          int c = ::accept4(listener, nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
-          if (c < 0) break;
-          if (static_cast<std::size_t>(c) >= conns.size())
-            conns.resize(static_cast<std::size_t>(c) + 1024);
-          conns[static_cast<std::size_t>(c)].in.clear();
-          epoll_event cev{};
-          cev.events = EPOLLIN;
-          cev.data.fd = c;
-          ::epoll_ctl(ep, EPOLL_CTL_ADD, c, &cev);
-        }
+      if (fd != listener) {
+        serve(fd);
         continue;
       }
-      Conn& conn = conns[static_cast<std::size_t>(fd)];
-      ssize_t got = ::recv(fd, buf, sizeof buf, MSG_DONTWAIT);
-      if (got <= 0) {
-        if (got < 0 && errno == EAGAIN) continue;
-        ::close(fd);
-        continue;
+      for (int k = 0; k < 64; ++k) {
+        int c = ::accept4(listener, nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        if (c < 0) break;
+        if (static_cast<std::size_t>(c) >= conns.size())
+          conns.resize(static_cast<std::size_t>(c) + 1024);
+        conns[static_cast<std::size_t>(c)].in.clear();
+        if (deferred && !serve(c)) continue;
+        epoll_event cev{};
+        cev.events = EPOLLIN;
+        cev.data.fd = c;
+        ::epoll_ctl(ep, EPOLL_CTL_ADD, c, &cev);
       }
-      conn.in.append(buf, static_cast<std::size_t>(got));
-      bool close_after = false;
-      std::string out;
-      for (;;) {
-        auto end = conn.in.find("\r\n\r\n");
-        if (end == std::string::npos) break;
-        std::string_view head(conn.in.data(), end + 2);
-        if (unsigned ms = burn_ms(head)) burn(ms);
-        close_after = contains_ci(head, "connection: close");
-        const std::time_t now = std::time(nullptr);
-        if (now != date_second) {
-          date_second = now;
-          std::tm tm{};
-          ::gmtime_r(&now, &tm);
-          std::strftime(date, sizeof date, "Date: %a, %d %b %Y %H:%M:%S GMT\r\n", &tm);
-        }
-        out += "HTTP/1.1 200 OK\r\nServer: sockshare\r\n";
-        out += date;
-        out += "Content-Type: text/plain\r\nContent-Length: " + std::to_string(body.size());
-        out += close_after ? "\r\nConnection: close\r\n\r\n" : "\r\n\r\n";
-        out += body;
-        conn.in.erase(0, end + 4);
-        if (close_after) break;
-      }
-      if (!out.empty() && ::send(fd, out.data(), out.size(), MSG_NOSIGNAL | MSG_DONTWAIT) < 0)
-        close_after = true;
-      if (close_after) ::close(fd);
     }
   }
 }
@@ -165,27 +181,30 @@ void run_worker(int listener, int index) {
 int main(int argc, char** argv) {
   std::string listen = "127.0.0.1:0";
   int workers = 2;
+  int defer_accept = 0;
   for (int i = 1; i + 1 < argc; i += 2) {
     if (std::strcmp(argv[i], "--listen") == 0)
       listen = argv[i + 1];
     else if (std::strcmp(argv[i], "--workers") == 0)
       workers = std::atoi(argv[i + 1]);
+    else if (std::strcmp(argv[i], "--defer-accept") == 0)
+      defer_accept = std::atoi(argv[i + 1]);
   }
   auto colon = listen.rfind(':');
   std::string host = listen.substr(0, colon);
   int port = std::atoi(listen.c_str() + colon + 1);
   // The first listener resolves port 0; each further worker opens its own on that port.
-  int first = open_listener(host.c_str(), port);
+  int first = open_listener(host.c_str(), port, defer_accept);
   sockaddr_in bound{};
   socklen_t len = sizeof bound;
   ::getsockname(first, reinterpret_cast<sockaddr*>(&bound), &len);
   port = ntohs(bound.sin_port);
   std::vector<pid_t> children;
   for (int w = 0; w < workers; ++w) {
-    int listener = w == 0 ? first : open_listener(host.c_str(), port);
+    int listener = w == 0 ? first : open_listener(host.c_str(), port, defer_accept);
     pid_t pid = ::fork();
     if (pid < 0) die("fork");
-    if (pid == 0) run_worker(listener, w);
+    if (pid == 0) run_worker(listener, w, defer_accept > 0);
     children.push_back(pid);
     ::close(listener);
   }

@@ -98,6 +98,14 @@ int main(int argc, char** argv) {
       ->capture_default_str()
       ->check(CLI::Range(0, 16384));
   serve_cmd
+      ->add_option("--defer-accept", serve.defer_accept_s,
+                   "TCP listeners: queue a connection for accept only once its first bytes "
+                   "arrived, or after SECONDS without any (TCP_DEFER_ACCEPT, systemd's "
+                   "DeferAcceptSec=); 0: off. Default: 1 with the built-in worker, 0 with a "
+                   "COMMAND (a protocol where the server speaks first must keep it off)")
+      ->type_name("SECONDS")
+      ->check(CLI::Range(0, 3600));
+  serve_cmd
       ->add_option("--ready-fd", serve.ready_fd,
                    "Write 'listening NAME ENDPOINT', 'control ENDPOINT' and 'ready' lines "
                    "to this descriptor once every worker is up, then one line per reload")

@@ -229,6 +229,7 @@ class Serve {
   systemd::ListenFds activation_;
   std::vector<ListenSpec> specs_;
   std::vector<Endpoint> bound_;      // what each listener actually got (port 0 resolved)
+  std::vector<std::chrono::seconds> defer_accept_;  // each listener's TCP_DEFER_ACCEPT
   std::vector<Fd> inherit_sockets_;  // inherit mode: our copy, duplicated for each generation
   bool dispatch_mode_ = true;
   dispatch::DispatcherOptions dispatcher_options_;
@@ -408,12 +409,15 @@ void Serve::open_listeners() {
     if (!from_manager) {
       ListenOptions listen_options;
       listen_options.reuse_port = !dispatch_mode_ && options_.reuseport && inet;
+      listen_options.defer_accept = std::chrono::seconds(
+          options_.defer_accept_s >= 0 ? options_.defer_accept_s : options_.command.empty() ? 1 : 0);
       socket = listen_on(spec.endpoint, listen_options);
     }
     Endpoint actual = spec.endpoint;
     if (inet || from_manager) actual = local_endpoint(socket.borrow());
     if (from_manager) spec.endpoint = actual;
     bound_.push_back(actual);
+    defer_accept_.push_back(defer_accept_of(socket.borrow()));  // socket activation's too
     if (dispatch_mode_) {
       // Our own copy for the next serve's upgrade: the dispatcher closes its copy at drain.
       const int copy = ::fcntl(socket.get(), F_DUPFD_CLOEXEC, 3);
@@ -820,9 +824,9 @@ int Serve::run() {
       bound_[i] = endpoints[i];
   }
   for (std::size_t i = 0; i < specs_.size(); ++i) {
-    log::info("listening", "name={} endpoint={} mode={}{}", specs_[i].name,
+    log::info("listening", "name={} endpoint={} mode={}{} defer_accept_s={}", specs_[i].name,
               log::value(bound_[i].to_string()), options_.mode,
-              options_.reuseport ? " reuseport=per-worker" : "");
+              options_.reuseport ? " reuseport=per-worker" : "", defer_accept_[i].count());
   }
   log::info("control", "endpoint={}", log::value(control_->endpoint().to_string()));
   log::info("started", "pid={} workers={} mode={} policy={} worker={}", ::getpid(),
@@ -992,7 +996,10 @@ std::string Serve::render_text() const {
                          : std::string(options_.reuseport ? "one SO_REUSEPORT listener per worker"
                                                           : "one shared listener"));
   for (std::size_t i = 0; i < specs_.size(); ++i) {
-    out += fmt::format("listener {:<10} {}\n", specs_[i].name, bound_[i].to_string());
+    out += fmt::format("listener {:<10} {}{}\n", specs_[i].name, bound_[i].to_string(),
+                       defer_accept_[i].count() > 0
+                           ? fmt::format("  deferred accept {} s", defer_accept_[i].count())
+                           : std::string());
   }
   std::vector<dispatch::WorkerView> views;
   if (dispatch_mode_) views = dispatcher_->workers();

@@ -25,6 +25,9 @@ struct ServeOptions {
   double drain_timeout_s = 10;
   std::uint32_t max_in_flight = 128;
   std::uint32_t peek_bytes = 0;
+  // TCP_DEFER_ACCEPT seconds on the TCP listeners serve opens; -1: 1 with the built-in worker
+  // (HTTP: the client speaks first), 0 (off) with a COMMAND, whose protocol is unknown.
+  int defer_accept_s = -1;
   int ready_fd = -1;                 // readiness lines for a parent (docs/SERVE.md)
   double ready_timeout_s = 10;       // a reload's new generation must be ready within this
   std::string upgrade_from;  // control endpoint or pid of a running serve to take over from

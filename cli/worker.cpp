@@ -56,6 +56,7 @@ std::int64_t now_seconds() {
 struct Listener {
   Fd socket;
   std::string name;
+  bool deferred = false;  // TCP_DEFER_ACCEPT: what accept() returns has its first bytes
 };
 
 // The listeners inherited by the systemd convention. sd_listen_fds() silently ignores a
@@ -85,7 +86,8 @@ std::vector<Listener> take_listen_fds() {
     }
     // Shared with every worker and the supervisor (R14): all of them want it non-blocking.
     set_nonblocking(socket.fd.borrow(), true);
-    listeners.push_back({std::move(socket.fd), std::move(socket.name)});
+    const bool deferred = defer_accept_of(socket.fd.borrow()).count() > 0;
+    listeners.push_back({std::move(socket.fd), std::move(socket.name), deferred});
   }
   if (listeners.empty()) {
     throw Error(ErrorKind::invalid_input, 0, "built-in worker start-up",
@@ -105,6 +107,11 @@ struct Conn {
   std::string out;
   std::size_t out_off = 0;
   std::uint32_t events = 0;  // registered epoll events, 0 when not in the epoll set
+  // A handed-off connection is first registered EPOLLONESHOT: the usual one waits once for its
+  // request and is closed after the answer, and a registration that has fired is inert, so
+  // its close needs no EPOLL_CTL_DEL. `fired` says that happened (events is then kept, the
+  // registration still exists); a connection kept open is switched to a lasting one.
+  bool fired = false;
   bool close_after = false;  // close once `out` is flushed
   bool peer_eof = false;
   // Received from a dispatcher that may still hold its copy until our ack is processed: the
@@ -125,7 +132,7 @@ class Server {
   void on_channel();
   bool on_listener(std::size_t position);  // true: a full batch, more may be queued
   void on_signal();
-  void adopt(Fd socket, bool shared, std::vector<std::byte>* initial_bytes);
+  void adopt(Fd socket, bool shared, std::vector<std::byte>* initial_bytes, bool data_first);
   void serve(Conn& conn, bool readable);
   bool read_some(Conn& conn);
   void answer(Conn& conn);
@@ -243,7 +250,9 @@ int Server::run() {
         const auto fd = static_cast<std::size_t>(tag);
         // Earlier events of this batch may have closed it (drain, a sweep): skip stale ones.
         if (fd < conns_.size() && conns_[fd] && conns_[fd]->fd.valid()) {
-          serve(*conns_[fd], (ev & (EPOLLIN | EPOLLHUP | EPOLLERR)) != 0);
+          Conn& conn = *conns_[fd];
+          if (conn.events & EPOLLONESHOT) conn.fired = true;
+          serve(conn, (ev & (EPOLLIN | EPOLLHUP | EPOLLERR)) != 0);
         }
       }
     }
@@ -300,7 +309,7 @@ void Server::on_channel() {
     more = false;
   }
   for (auto& connection : batch_) {
-    adopt(std::move(connection.socket), true, &connection.info.initial_bytes);
+    adopt(std::move(connection.socket), true, &connection.info.initial_bytes, false);
   }
   batch_.clear();
   if (!more) begin_drain("dispatcher asked to drain or went away");
@@ -319,7 +328,7 @@ bool Server::on_listener(std::size_t position) {
     int fd = sys::retry_eintr(
         [&] { return ::accept4(listener, nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC); });
     if (fd >= 0) {
-      adopt(Fd(fd), false, nullptr);
+      adopt(Fd(fd), false, nullptr, listeners_[position].deferred);
       continue;
     }
     const int err = errno;
@@ -360,7 +369,8 @@ void Server::on_signal() {
   }
 }
 
-void Server::adopt(Fd socket, bool shared, std::vector<std::byte>* initial_bytes) {
+void Server::adopt(Fd socket, bool shared, std::vector<std::byte>* initial_bytes,
+                   bool data_first) {
   const auto fd = static_cast<std::size_t>(socket.get());
   if (fd >= conns_.size()) conns_.resize(fd + 64);
   auto& slot = conns_[fd];
@@ -371,6 +381,7 @@ void Server::adopt(Fd socket, bool shared, std::vector<std::byte>* initial_bytes
   conn.out.clear();
   conn.out_off = 0;
   conn.events = 0;
+  conn.fired = false;
   conn.close_after = false;
   conn.peer_eof = false;
   conn.shared = shared;
@@ -381,9 +392,10 @@ void Server::adopt(Fd socket, bool shared, std::vector<std::byte>* initial_bytes
     // What the dispatcher peeked is the start of the request: it is no longer in the socket.
     conn.in.assign(reinterpret_cast<const char*>(initial_bytes->data()), initial_bytes->size());
   }
-  if (shared) {
-    // A handed-off connection usually has its request waiting already: read it now rather
-    // than paying an epoll round trip first.
+  if (shared || data_first) {
+    // A handed-off connection usually has its request waiting already, one from a listener
+    // with deferred accept always has its first bytes: read now rather than paying an epoll
+    // round trip first.
     serve(conn, true);
   } else {
     watch(conn, EPOLLIN);
@@ -489,7 +501,11 @@ bool Server::flush(Conn& conn) {
 }
 
 void Server::watch(Conn& conn, std::uint32_t events) {
-  if (conn.events == events) return;
+  if (conn.events == 0 && conn.shared) {
+    events |= EPOLLONESHOT;  // the first registration; any later one lasts (Conn::fired)
+  } else if (!conn.fired && (conn.events & ~std::uint32_t{EPOLLONESHOT}) == events) {
+    return;
+  }
   epoll_event ev{};
   ev.events = events;
   ev.data.u64 = static_cast<std::uint64_t>(conn.fd.get());
@@ -498,6 +514,7 @@ void Server::watch(Conn& conn, std::uint32_t events) {
     sys::throw_errno("epoll_ctl(fd " + std::to_string(conn.fd.get()) + ")");
   }
   conn.events = events;
+  conn.fired = false;
 }
 
 void Server::serve(Conn& conn, bool readable) {
@@ -533,10 +550,11 @@ void Server::serve(Conn& conn, bool readable) {
 }
 
 void Server::close(Conn& conn) {
-  if (conn.events != 0 && conn.shared) {
+  if (conn.events != 0 && conn.shared && !conn.fired) {
     ::epoll_ctl(epoll_.get(), EPOLL_CTL_DEL, conn.fd.get(), nullptr);
   }
   conn.events = 0;
+  conn.fired = false;
   if (conn.shared && !draining_ && deferred_.size() + deferred_older_.size() < kMaxDeferredCloses) {
     // The dispatcher closes its copy when our ack reaches it, often after we are done: its
     // close would then be the last one and free the socket, file and inode in the one process

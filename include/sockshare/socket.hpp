@@ -1,6 +1,7 @@
 // What a descriptor is, what a receiver expects it to be, and how to open listeners.
 #pragma once
 
+#include <chrono>
 #include <cstdint>
 #include <optional>
 #include <string>
@@ -62,7 +63,17 @@ struct ListenOptions {
   bool reuse_port = false;  // SO_REUSEPORT, for one listener per worker
   bool nonblocking = true;
   bool unlink_stale = true;  // remove an existing unix socket file that nobody listens on
+  // TCP only (TCP_DEFER_ACCEPT): a connection is queued for accept() once its first data has
+  // arrived, or once this many seconds have passed without any. For protocols where the
+  // client speaks first (HTTP): the server never wakes up for a connection it cannot read
+  // yet. 0: off. Never for protocols where the server speaks first (SMTP, SSH, MySQL).
+  std::chrono::seconds defer_accept{0};
 };
+
+// The TCP_DEFER_ACCEPT setting of a listener, 0 when off or not TCP. The kernel keeps it as
+// a count of SYN-ACK retransmissions, so it reads back rounded up along their back-off
+// (1 s -> 1 s, 5 s -> 7 s).
+[[nodiscard]] std::chrono::seconds defer_accept_of(BorrowedFd listener);
 
 // Opens a close-on-exec listening socket. Port 0 picks a free port: read it back with
 // local_endpoint().

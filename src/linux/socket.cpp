@@ -4,10 +4,12 @@
 #include <fcntl.h>
 #include <poll.h>
 #include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <sys/stat.h>
 #include <sys/un.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstring>
 #include <string>
 
@@ -248,7 +250,24 @@ Fd listen_on(const Endpoint& endpoint, const ListenOptions& options) {
     if (err != 0) sys::throw_errno("bind(" + what + ")", err);
   }
   if (::listen(fd.get(), options.backlog) != 0) SOCKSHARE_THROW_ERRNO("listen(" + what + ")");
+  const bool tcp = endpoint.kind == Endpoint::Kind::inet || endpoint.kind == Endpoint::Kind::inet6;
+  if (tcp && options.defer_accept.count() > 0) {
+    const int seconds = static_cast<int>(std::min<std::int64_t>(options.defer_accept.count(), 3600));
+    if (::setsockopt(fd.get(), IPPROTO_TCP, TCP_DEFER_ACCEPT, &seconds, sizeof seconds) != 0) {
+      SOCKSHARE_THROW_ERRNO("setsockopt(TCP_DEFER_ACCEPT) on " + what);
+    }
+  }
   return fd;
+}
+
+std::chrono::seconds defer_accept_of(BorrowedFd listener) {
+  int seconds = 0;
+  socklen_t len = sizeof seconds;
+  if (::getsockopt(listener.get(), IPPROTO_TCP, TCP_DEFER_ACCEPT, &seconds, &len) != 0) {
+    // Not TCP (EOPNOTSUPP, ENOPROTOOPT): nothing is deferred.
+    return std::chrono::seconds{0};
+  }
+  return std::chrono::seconds{seconds};
 }
 
 Endpoint local_endpoint(BorrowedFd fd) {

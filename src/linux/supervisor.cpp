@@ -209,8 +209,11 @@ struct Supervisor::Impl {
       if (group) {
         // The group shares the port the first socket got (port 0 resolved once).
         slots[0].own_listeners.push_back(std::move(first));
+        // Each clone is configured like the first (say, TCP_DEFER_ACCEPT from DeferAcceptSec=).
+        const std::chrono::seconds defer = defer_accept_of(slots[0].own_listeners.back().borrow());
         for (std::uint32_t i = 1; i < opt.workers; ++i) {
-          slots[i].own_listeners.push_back(listen_on(bound, {.reuse_port = true, .nonblocking = false}));
+          slots[i].own_listeners.push_back(
+              listen_on(bound, {.reuse_port = true, .nonblocking = false, .defer_accept = defer}));
         }
         shared_listeners.emplace_back();
       } else {

@@ -1,3 +1,4 @@
+#include <poll.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -45,6 +46,31 @@ TEST_F(Endpoints, ParsesEveryForm) {
       EXPECT_EQ(e.kind(), ErrorKind::invalid_input) << bad;
     }
   }
+}
+
+TEST_F(Endpoints, DeferredAcceptHoldsASilentConnectionBackFromAccept) {
+  Fd plain = listen_on(parse_endpoint("127.0.0.1:0"));
+  EXPECT_EQ(defer_accept_of(plain.borrow()).count(), 0);
+  Fd deferred = listen_on(parse_endpoint("127.0.0.1:0"), {.defer_accept = std::chrono::seconds{30}});
+  EXPECT_GE(defer_accept_of(deferred.borrow()).count(), 30);  // rounded up by the kernel
+  Fd v6 = listen_on(parse_endpoint("[::1]:0"), {.defer_accept = std::chrono::seconds{1}});
+  EXPECT_EQ(defer_accept_of(v6.borrow()).count(), 1);
+  // A unix listener has no such option: it is not set, and reads back as off.
+  Fd local = listen_on(parse_endpoint("unix:" + path("s")), {.defer_accept = std::chrono::seconds{1}});
+  EXPECT_EQ(defer_accept_of(local.borrow()).count(), 0);
+
+  // The point of it: a connected client that has sent nothing is not accept()ed; one byte
+  // makes it so.
+  Fd client = connect_to(local_endpoint(deferred.borrow()));
+  ASSERT_TRUE(client.valid());
+  pollfd p{deferred.get(), POLLIN, 0};
+  EXPECT_EQ(::poll(&p, 1, 200), 0) << "a silent connection was queued for accept";
+  ASSERT_EQ(::send(client.get(), "x", 1, MSG_NOSIGNAL), 1);
+  EXPECT_EQ(::poll(&p, 1, 5000), 1);
+  Fd accepted(::accept4(deferred.get(), nullptr, nullptr, SOCK_CLOEXEC));
+  ASSERT_TRUE(accepted.valid());
+  char byte = 0;
+  EXPECT_EQ(::recv(accepted.get(), &byte, 1, MSG_DONTWAIT), 1);
 }
 
 TEST_F(Endpoints, StaleUnixSocketFileIsReplaced) {

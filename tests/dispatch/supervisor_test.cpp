@@ -68,7 +68,8 @@ SOCKSHARE_HELPER(sup_inherit) {
                              " fds=" + env_or("LISTEN_FDS", "-") + " names=" + env_or("LISTEN_FDNAMES", "-") +
                              " index=" + env_or("SOCKSHARE_WORKER_INDEX", "-") + " fd3=" + fd3 +
                              " fd4=" + (fd4_open ? "open" : "closed") +
-                             " blocking=" + (blocking ? "yes" : "no") + "\n";
+                             " blocking=" + (blocking ? "yes" : "no") +
+                             " defer=" + std::to_string(defer_accept_of(BorrowedFd(3)).count()) + "\n";
   for (;;) {
     pollfd p{3, POLLIN, 0};
     if (::poll(&p, 1, -1) < 0) continue;
@@ -327,6 +328,34 @@ TEST_F(SupervisorTest, S6_InheritModeOneReusePortListenerPerWorker) {
   // The kernel spreads connections over the group by a hash of the 4-tuple; 24 clients
   // from distinct source ports all landing on one of two listeners is a 2^-23 event.
   EXPECT_EQ(served_by.size(), 2u);
+  s.shutdown(5s);
+  ASSERT_TRUE(spin(s, [&] { return s.finished(); }));
+}
+
+TEST_F(SupervisorTest, S6_ReusePortListenersOfEveryWorkerDeferAcceptLikeTheFirst) {
+  // The first listener of the group comes from the caller (here with TCP_DEFER_ACCEPT, as
+  // systemd's DeferAcceptSec= would set it); the supervisor opens the others and must
+  // configure them alike, or a client's handling would depend on the worker it lands on.
+  auto o = options(helper_argv("sup_inherit"), 2);
+  o.mode = WorkerMode::inherit;
+  o.reuse_port_per_worker = true;
+  Fd first = listen_on(parse_endpoint("127.0.0.1:0"),
+                       {.reuse_port = true, .defer_accept = std::chrono::seconds{1}});
+  ASSERT_EQ(defer_accept_of(first.borrow()).count(), 1);
+  const Endpoint bound = local_endpoint(first.borrow());
+  o.listeners.push_back({.name = "api", .socket = std::move(first), .endpoint = bound});
+  Dispatcher d;
+  Supervisor s(d, std::move(o));
+  s.start();
+  const Endpoint ep = s.listener_endpoints().at(0);
+  std::set<std::string> served_by;
+  for (int i = 0; i < 24; ++i) {
+    Client c(ep, "x");  // deferred: accept() returns a connection once data arrived
+    ASSERT_TRUE(spin(s, [&] { return c.advance(); }));
+    EXPECT_EQ(c.field("defer"), "1") << c.reply();
+    served_by.insert(c.field("index"));
+  }
+  EXPECT_EQ(served_by.size(), 2u);  // both workers' listeners were seen (2^-23 otherwise)
   s.shutdown(5s);
   ASSERT_TRUE(spin(s, [&] { return s.finished(); }));
 }
