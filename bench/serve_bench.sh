@@ -3,8 +3,8 @@
 # wrk opening a NEW CONNECTION PER REQUEST (Connection: close), 2 built-in workers, loopback.
 #
 #   bench/serve_bench.sh [BUILD_DIR]        (default: build-bench, a Release build)
-#   env: LOADS="1x16 2x64" DURATION=5s ROUNDS=3 FIXED_RATE=4000
-#        UNEVEN_RATES="200 400 600" UNEVEN_DURATION=10 UNEVEN_CONNECTIONS="16 32"
+#   env: LOADS="1x16 2x64" DURATION=5s ROUNDS=3 FIXED_RATE=4000 ACCEPTS="plain deferred"
+#        UNEVEN_RATES="200 400 600 800" UNEVEN_DURATION=10 UNEVEN_CONNECTIONS="16 32"
 #
 # Scenario 1, uniform tiny requests (wrk, closed loop): connections/s, p50, p99 of
 #   reuseport  bench/baseline_reuseport       2 processes, one SO_REUSEPORT listener each
@@ -17,9 +17,10 @@
 # ROUNDS interleaved rounds, the median round per configuration is reported, with the median
 # over rounds of the within-round ratios against the targets (inherit >= 0.97x reuseport;
 # dispatch >= 0.90x reuseport and >= 0.97x naive) and the CPU time per connection of the
-# accepting process and of the workers (utime+stime from /proc/PID/stat).
+# accepting process and of the workers (utime+stime from /proc/PID/stat). All of it once per
+# listener setting of ACCEPTS: "plain", then "deferred" (TCP_DEFER_ACCEPT on every server alike).
 # Scenario 1b: CPU per connection of the dispatcher and the workers at a fixed rate
-# (bench/serve_loadgen, open loop, FIXED_RATE connections/s).
+# (bench/serve_loadgen, open loop, FIXED_RATE connections/s), per listener setting.
 # Scenario 2, uneven work: 5% of requests burn 20 ms of CPU in the worker, dispatch with
 # --policy least against SO_REUSEPORT's blind spread (target: p99 at most half), with
 # dispatch --policy rr for reference:
@@ -36,9 +37,14 @@ duration=${DURATION:-5s}
 loads=${LOADS:-"1x16 2x64"}
 rounds=${ROUNDS:-3}
 uneven_connections=${UNEVEN_CONNECTIONS:-"16 32"}
-uneven_rates=${UNEVEN_RATES:-"200 400 600"}
+uneven_rates=${UNEVEN_RATES:-"200 400 600 800"}
 uneven_duration=${UNEVEN_DURATION:-10}
 fixed_rate=${FIXED_RATE:-4000}
+# Each server's listeners in scenarios 1 and 1b, like for like: "plain" (no TCP_DEFER_ACCEPT
+# anywhere: serve --defer-accept 0) and "deferred" (TCP_DEFER_ACCEPT 1 s on every server, serve's
+# default with its built-in worker). Scenario 2 runs deferred.
+accepts=${ACCEPTS:-"plain deferred"}
+defer_args() { if [ "$1" = deferred ]; then echo "--defer-accept 1"; else echo "--defer-accept 0"; fi; }
 
 command -v wrk >/dev/null || { echo "wrk is missing: scripts/deps.sh installs it" >&2; exit 1; }
 tmp=$(mktemp -d)
@@ -172,25 +178,27 @@ report_ratio() {  # A B TARGET LABEL
     "$(round_ratios "$1" "$2" | tr '\n' ' ')" "$3" "$(verdict "$m" "$3")"
 }
 
+for accept in $accepts; do
+read -r -a d <<<"$(defer_args "$accept")"
 for load in $loads; do
   threads=${load%x*}
   connections=${load#*x}
   wrk_args=(-t"$threads" -c"$connections")
   results=()
   for round in $(seq 1 "$rounds"); do
-    start reuseport baseline "$build/bench/baseline_reuseport" --listen 127.0.0.1:0 --workers 2
+    start reuseport baseline "$build/bench/baseline_reuseport" --listen 127.0.0.1:0 --workers 2 "${d[@]}"
     measure reuseport "$round" "${wrk_args[@]}"
-    start inherit serve "$cli" serve --listen 127.0.0.1:0 --workers 2 --mode inherit
+    start inherit serve "$cli" serve --listen 127.0.0.1:0 --workers 2 --mode inherit "${d[@]}"
     measure inherit "$round" "${wrk_args[@]}"
-    start naive baseline "$build/bench/baseline_naive_dispatch" --listen 127.0.0.1:0 --workers 2
+    start naive baseline "$build/bench/baseline_naive_dispatch" --listen 127.0.0.1:0 --workers 2 "${d[@]}"
     measure naive "$round" "${wrk_args[@]}"
-    start dispatch serve "$cli" serve --listen 127.0.0.1:0 --workers 2 --mode dispatch
+    start dispatch serve "$cli" serve --listen 127.0.0.1:0 --workers 2 --mode dispatch "${d[@]}"
     measure dispatch "$round" "${wrk_args[@]}"
-    start dispatch-rr serve "$cli" serve --listen 127.0.0.1:0 --workers 2 --mode dispatch --policy rr
+    start dispatch-rr serve "$cli" serve --listen 127.0.0.1:0 --workers 2 --mode dispatch --policy rr "${d[@]}"
     measure dispatch-rr "$round" "${wrk_args[@]}"
   done
 
-  echo "Scenario 1: uniform tiny requests, new connection per request;" \
+  echo "Scenario 1, $accept accept: uniform tiny requests, new connection per request;" \
        "wrk -t$threads -c$connections -d$duration --latency -H 'Connection: close', $rounds rounds"
   printf '%-10s %10s %8s %8s %8s %12s %12s  %s\n' config "conn/s" "p50 us" "p90 us" "p99 us" \
     "accepter us" "workers us" "all rounds (conn/s)"
@@ -211,39 +219,46 @@ for load in $loads; do
   report_ratio dispatch-rr naive 0 "dispatch-rr / naive"
   echo
 done
+done
 
 # Scenario 1b: the same comparison at a FIXED connection rate (open loop, serve_loadgen): the
 # CPU each configuration's processes use per connection, which background load on a shared
 # machine distorts much less than the closed-loop throughput above.
 echo "Scenario 1b: CPU per connection at a fixed $fixed_rate conn/s for $uneven_duration s (serve_loadgen, open loop)"
-printf '%-10s %14s %14s %10s %10s\n' config "dispatcher us" "workers us" "p50 us" "p99 us"
+printf '%-10s %-9s %14s %14s %10s %10s\n' config accept "dispatcher us" "workers us" "p50 us" "p99 us"
 fixed() {  # NAME: runs serve_loadgen against $PORT/$PID with no burns, prints a row
   local kids out
   kids=$(ps -o pid= --ppid "$PID" | tr -d ' ' | paste -sd, -)
   out=$("$loadgen" --port "$PORT" --rate "$fixed_rate" --duration "$uneven_duration" --burn-percent 0 \
           --cpu-pids "$PID,$kids") || echo "  note ($1): serve_loadgen reported errors" >&2
-  echo "$out" | awk -v name="$1" -v disp="$2" '
+  echo "$out" | awk -v name="$1" -v disp="$2" -v accept="$accept" '
     $1 == "all" { for (i = 2; i <= NF; ++i) { split($i, kv, "="); v[kv[1]] = kv[2] } }
     $1 == "cpu_us_per_request" { d = 0; w = 0
       for (i = 2; i <= NF; ++i) { split($i, kv, "="); if (i == 2) d = kv[2]; else w += kv[2] } }
-    END { printf "%-10s %14s %14.2f %10s %10s\n", name, disp ? sprintf("%.2f", d) : "-", (disp ? w : w + d), v["p50_us"], v["p99_us"] }'
+    END { printf "%-10s %-9s %14s %14.2f %10s %10s\n", name, accept, disp ? sprintf("%.2f", d) : "-", (disp ? w : w + d), v["p50_us"], v["p99_us"] }'
 }
-start fixed-reuseport baseline "$build/bench/baseline_reuseport" --listen 127.0.0.1:0 --workers 2
-fixed reuseport 0
-stop
-start fixed-naive baseline "$build/bench/baseline_naive_dispatch" --listen 127.0.0.1:0 --workers 2
-fixed naive 1
-stop
-start fixed-dispatch serve "$cli" serve --listen 127.0.0.1:0 --workers 2 --mode dispatch
-fixed dispatch 1
-stop
+for accept in $accepts; do
+  read -r -a d <<<"$(defer_args "$accept")"
+  start fixed-reuseport baseline "$build/bench/baseline_reuseport" --listen 127.0.0.1:0 --workers 2 "${d[@]}"
+  fixed reuseport 0
+  stop
+  start fixed-inherit serve "$cli" serve --listen 127.0.0.1:0 --workers 2 --mode inherit "${d[@]}"
+  fixed inherit 0
+  stop
+  start fixed-naive baseline "$build/bench/baseline_naive_dispatch" --listen 127.0.0.1:0 --workers 2 "${d[@]}"
+  fixed naive 1
+  stop
+  start fixed-dispatch serve "$cli" serve --listen 127.0.0.1:0 --workers 2 --mode dispatch "${d[@]}"
+  fixed dispatch 1
+  stop
+done
 echo
 
 # Scenario 2, open loop (serve_loadgen): requests due at a fixed rate, each on a new
 # connection, latency measured from the due time; 5% burn 20 ms of worker CPU. Overall p99
 # includes the burns themselves (>= 20 ms by construction, and 5% > 1%), so the p99 of the
 # short requests is reported too: that is where a request waiting behind a burn shows.
-echo "Scenario 2: uneven work, 5% of requests burn 20 ms; open loop, $uneven_duration s per run"
+echo "Scenario 2: uneven work, 5% of requests burn 20 ms; open loop, $uneven_duration s per run; deferred accept"
 printf '%-6s %-16s %9s %9s %9s %11s %11s %9s\n' rate config "all p50" "all p99" "all p99.9" "short p50" "short p99" "burn p99"
 uneven() {  # RATE NAME: one serve_loadgen run against $PORT, prints a row, sets P99_ALL P99_SHORT
   local out
@@ -258,7 +273,7 @@ uneven() {  # RATE NAME: one serve_loadgen run against $PORT, prints a row, sets
           v["all", "p99_us"], v["all", "p99.9_us"], v["short", "p50_us"], v["short", "p99_us"], v["burn", "p99_us"] }'
 }
 for rate in $uneven_rates; do
-  start uneven-reuseport baseline "$build/bench/baseline_reuseport" --listen 127.0.0.1:0 --workers 2
+  start uneven-reuseport baseline "$build/bench/baseline_reuseport" --listen 127.0.0.1:0 --workers 2 --defer-accept 1
   uneven "$rate" reuseport
   stop
   ra=$P99_ALL rs=$P99_SHORT
@@ -275,7 +290,7 @@ done
 echo
 
 # Scenario 2b, closed loop (wrk): 5% of requests, drawn at random, burn 20 ms.
-echo "Scenario 2b: uneven work, 5% of requests burn 20 ms; closed loop, wrk -t1 -d$duration -s bench/burn.lua"
+echo "Scenario 2b: uneven work, 5% of requests burn 20 ms; closed loop, wrk -t1 -d$duration -s bench/burn.lua; deferred accept"
 printf '%-6s %-16s %10s %9s %9s %9s\n' conns config "req/s" "p50 us" "p90 us" "p99 us"
 for conns in $uneven_connections; do
   row() {  # NAME: one wrk run against $PORT, prints a row, sets P99
@@ -285,7 +300,7 @@ for conns in $uneven_connections; do
     printf '%-6s %-16s %10s %9s %9s %9s\n' "$conns" "$1" "$rps" "$p50" "$p90" "$P99"
     stop
   }
-  start wrk-uneven-reuseport baseline "$build/bench/baseline_reuseport" --listen 127.0.0.1:0 --workers 2
+  start wrk-uneven-reuseport baseline "$build/bench/baseline_reuseport" --listen 127.0.0.1:0 --workers 2 --defer-accept 1
   row reuseport
   ra=$P99
   start wrk-uneven-least serve "$cli" serve --listen 127.0.0.1:0 --workers 2 --mode dispatch --policy least

@@ -33,13 +33,18 @@ T get(const std::byte* in) noexcept {
 }  // namespace
 
 std::vector<std::byte> encode_connection_info(const ConnectionInfo& info) {
+  std::vector<std::byte> out;
+  encode_connection_info(info, out);
+  return out;
+}
+
+void encode_connection_info(const ConnectionInfo& info, std::vector<std::byte>& out) {
   if (info.listener.size() > 0xFFFF || info.peer.size() > 0xFFFF ||
       info.initial_bytes.size() > wire::kMaxPayload) {
     throw Error(ErrorKind::invalid_input, 0, "encode connection metadata",
                 "listener name, peer or initial bytes too long");
   }
-  std::vector<std::byte> out(kInfoFixed + info.listener.size() + info.peer.size() +
-                             info.initial_bytes.size());
+  out.resize(kInfoFixed + info.listener.size() + info.peer.size() + info.initial_bytes.size());
   std::byte* p = out.data();
   put<std::uint8_t>(p + 0, kInfoVersion);
   put<std::uint8_t>(p + 1, 0);
@@ -57,7 +62,6 @@ std::vector<std::byte> encode_connection_info(const ConnectionInfo& info) {
   if (!info.initial_bytes.empty()) {
     std::memcpy(p, info.initial_bytes.data(), info.initial_bytes.size());
   }
-  return out;
 }
 
 ConnectionInfo decode_connection_info(std::span<const std::byte> bytes) {

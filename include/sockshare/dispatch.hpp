@@ -59,6 +59,8 @@ struct Connection {
 // Encoding of ConnectionInfo as per-descriptor metadata; fuzzed. Throws Error(protocol) on
 // malformed input.
 std::vector<std::byte> encode_connection_info(const ConnectionInfo& info);
+// The same into `out`, replacing its contents and reusing its capacity.
+void encode_connection_info(const ConnectionInfo& info, std::vector<std::byte>& out);
 ConnectionInfo decode_connection_info(std::span<const std::byte> bytes);
 
 // ---- Worker side -------------------------------------------------------------------------

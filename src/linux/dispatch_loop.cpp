@@ -62,6 +62,27 @@ std::uint64_t hash_bytes(const void* data, std::size_t n) {  // FNV-1a, then mix
   return mix(h);
 }
 
+char* append_decimal(char* out, unsigned value) {
+  char digits[10];
+  int n = 0;
+  do {
+    digits[n++] = static_cast<char>('0' + value % 10);
+    value /= 10;
+  } while (value != 0);
+  while (n > 0) *out++ = digits[--n];
+  return out;
+}
+
+// "a.b.c.d:port" into `out` (at least 22 bytes); returns the end.
+char* format_ipv4_peer(const sockaddr_in& sin, char* out) {
+  const auto* octets = reinterpret_cast<const unsigned char*>(&sin.sin_addr.s_addr);
+  for (int i = 0; i < 4; ++i) {
+    out = append_decimal(out, octets[i]);
+    *out++ = i < 3 ? '.' : ':';
+  }
+  return append_decimal(out, ntohs(sin.sin_port));
+}
+
 std::int64_t realtime_ns() {
   timespec ts{};
   ::clock_gettime(CLOCK_REALTIME, &ts);
@@ -407,8 +428,10 @@ struct Dispatcher::Impl {
     char text[INET6_ADDRSTRLEN] = {};
     if (addr.ss_family == AF_INET && len >= sizeof(sockaddr_in)) {
       const auto& sin = reinterpret_cast<const sockaddr_in&>(addr);
-      ::inet_ntop(AF_INET, &sin.sin_addr, text, sizeof text);
-      conn.info.peer = std::string(text) + ":" + std::to_string(ntohs(sin.sin_port));
+      // By hand: inet_ntop and to_string go through printf machinery and temporaries, and
+      // this runs for every connection in the one process they all pass through.
+      char* end = format_ipv4_peer(sin, text);
+      conn.info.peer.assign(text, static_cast<std::size_t>(end - text));
       if (opt.policy == Policy::client_hash) conn.client_hash = hash_bytes(&sin.sin_addr, 4);
     } else if (addr.ss_family == AF_INET6 && len >= sizeof(sockaddr_in6)) {
       const auto& sin6 = reinterpret_cast<const sockaddr_in6&>(addr);
@@ -529,7 +552,7 @@ struct Dispatcher::Impl {
       meta_spans.clear();
       fd_scratch.clear();
       while (count < limit) {
-        meta_scratch[count] = encode_connection_info(w.outbox[count].info);
+        encode_connection_info(w.outbox[count].info, meta_scratch[count]);
         if (count > 0 && bytes + meta_scratch[count].size() > kBatchBytes) break;
         bytes += meta_scratch[count].size();
         meta_spans.emplace_back(meta_scratch[count]);

@@ -41,6 +41,21 @@ TEST(ConnectionInfoCodec, S6_RoundTrip) {
   EXPECT_EQ(back.initial_bytes, info.initial_bytes);
 }
 
+TEST(ConnectionInfoCodec, S6_EncodingIntoAUsedBufferLeavesNothingOfTheOldContents) {
+  std::vector<std::byte> buffer;
+  encode_connection_info(sample(), buffer);
+  ConnectionInfo small;
+  small.id = 9;
+  small.listener = "a";
+  small.peer = "unix";
+  encode_connection_info(small, buffer);
+  EXPECT_EQ(buffer, encode_connection_info(small));
+  const ConnectionInfo back = decode_connection_info(buffer);
+  EXPECT_EQ(back.listener, "a");
+  EXPECT_EQ(back.peer, "unix");
+  EXPECT_TRUE(back.initial_bytes.empty());
+}
+
 TEST(ConnectionInfoCodec, S6_LayoutIsLittleEndianAsDocumented) {
   const auto bytes = encode_connection_info(sample());
   EXPECT_EQ(bytes[0], std::byte{1});     // version

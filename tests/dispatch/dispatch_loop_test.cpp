@@ -70,7 +70,7 @@ TEST_F(DispatchLoop, S6_ConnectionArrivesWithMetadataAndIsAcknowledged) {
   ASSERT_EQ(got.size(), 1u);
   const ConnectionInfo& info = got[0].info;
   EXPECT_EQ(info.listener, "web");
-  EXPECT_TRUE(info.peer.starts_with("127.0.0.1:")) << info.peer;
+  EXPECT_EQ(info.peer, client.local_address());
   const auto accepted = std::chrono::system_clock::time_point(std::chrono::nanoseconds(info.accepted_at_ns));
   EXPECT_GE(accepted, before - 1s);
   EXPECT_LE(accepted, std::chrono::system_clock::now() + 1s);
@@ -87,6 +87,28 @@ TEST_F(DispatchLoop, S6_ConnectionArrivesWithMetadataAndIsAcknowledged) {
   for (auto n : s.latency_counts) histogram += n;
   EXPECT_EQ(histogram, 1u);
   EXPECT_GT(s.latency_sum_us, 0.0);
+  test::expect_accounted(d);
+}
+
+TEST_F(DispatchLoop, S6_PeerAddressIsTheClientsOwnInTextForm) {
+  // Octets of one, two and three digits, and a zero, in the dispatcher's hand-written IPv4
+  // formatting (the whole of 127.0.0.0/8 is loopback on Linux).
+  auto [listener, ep] = loopback_listener();
+  Dispatcher d;
+  d.add_listener("web", std::move(listener));
+  auto [ours, theirs] = Channel::pair();
+  d.add_worker(std::move(ours), ::getpid(), 0);
+  Worker worker(std::move(theirs), 0);
+  for (const char* source : {"127.0.0.1", "127.10.200.3", "127.255.0.99"}) {
+    Client client(ep, "x\n", source);
+    std::vector<Connection> got;
+    ASSERT_TRUE(pump(d, [&] { worker.poll(got); return !got.empty(); }));
+    EXPECT_EQ(got[0].info.peer, client.local_address());
+    EXPECT_TRUE(got[0].info.peer.starts_with(std::string(source) + ":")) << got[0].info.peer;
+    test::serve(got[0], 0);
+    ASSERT_TRUE(pump(d, [&] { return client.advance(); }));
+  }
+  test::settle(d);
   test::expect_accounted(d);
 }
 

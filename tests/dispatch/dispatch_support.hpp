@@ -73,6 +73,8 @@ public:
   [[nodiscard]] bool done() const { return done_; }
   [[nodiscard]] bool reset() const { return reset_; }
   [[nodiscard]] const std::string& reply() const { return reply_; }
+  // Its own address as the server sees it: "127.0.0.1:50312".
+  [[nodiscard]] std::string local_address() const { return local_endpoint(fd_.borrow()).to_string(); }
   void send_more(const std::string& text) {
     ASSERT_EQ(::send(fd_.get(), text.data(), text.size(), MSG_NOSIGNAL), static_cast<ssize_t>(text.size()));
   }
