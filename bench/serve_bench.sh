@@ -9,6 +9,7 @@
 # Scenario 1, uniform tiny requests (wrk, closed loop): connections/s, p50, p99 of
 #   reuseport  bench/baseline_reuseport       2 processes, one SO_REUSEPORT listener each
 #   inherit    sockshare serve --mode inherit  one shared listener, workers accept (EPOLLEXCLUSIVE)
+#   inherit-rp sockshare serve --mode inherit --reuseport: one SO_REUSEPORT listener per worker
 #   naive      bench/baseline_naive_dispatch   accept + sendmsg to the next worker, nothing else
 #   dispatch   sockshare serve --mode dispatch acks, policy, counters, no connection lost
 #              (its default policy, least loaded; dispatch-rr: the same with --policy rr)
@@ -190,6 +191,8 @@ for load in $loads; do
     measure reuseport "$round" "${wrk_args[@]}"
     start inherit serve "$cli" serve --listen 127.0.0.1:0 --workers 2 --mode inherit "${d[@]}"
     measure inherit "$round" "${wrk_args[@]}"
+    start inherit-rp serve "$cli" serve --listen 127.0.0.1:0 --workers 2 --mode inherit --reuseport "${d[@]}"
+    measure inherit-rp "$round" "${wrk_args[@]}"
     start naive baseline "$build/bench/baseline_naive_dispatch" --listen 127.0.0.1:0 --workers 2 "${d[@]}"
     measure naive "$round" "${wrk_args[@]}"
     start dispatch serve "$cli" serve --listen 127.0.0.1:0 --workers 2 --mode dispatch "${d[@]}"
@@ -200,19 +203,20 @@ for load in $loads; do
 
   echo "Scenario 1, $accept accept: uniform tiny requests, new connection per request;" \
        "wrk -t$threads -c$connections -d$duration --latency -H 'Connection: close', $rounds rounds"
-  printf '%-10s %10s %8s %8s %8s %12s %12s  %s\n' config "conn/s" "p50 us" "p90 us" "p99 us" \
+  printf '%-11s %10s %8s %8s %8s %12s %12s  %s\n' config "conn/s" "p50 us" "p90 us" "p99 us" \
     "accepter us" "workers us" "all rounds (conn/s)"
-  for config in reuseport inherit naive dispatch dispatch-rr; do
+  for config in reuseport inherit inherit-rp naive dispatch dispatch-rr; do
     read -r rps p50 p90 p99 reqs cpu_d cpu_w <<<"$(median "$config")"
     all=$(for round in $(seq 1 "$rounds"); do echo "${results[$config,$round]}" | awk '{printf "%s ", $1}'; done)
     # CPU per connection: of the process wrk connects to (the dispatcher; for reuseport and
     # inherit the supervisor or parent, which does no per-connection work) and of its workers.
     read -r us_d us_w <<<"$(awk -v d="$cpu_d" -v w="$cpu_w" -v t="$ticks" -v r="$reqs" \
       'BEGIN { printf "%.2f %.2f", d / t * 1e6 / r, w / t * 1e6 / r }')"
-    printf '%-10s %10s %8s %8s %8s %12s %12s  %s\n' "$config" "$rps" "$p50" "$p90" "$p99" "$us_d" "$us_w" "$all"
+    printf '%-11s %10s %8s %8s %8s %12s %12s  %s\n' "$config" "$rps" "$p50" "$p90" "$p99" "$us_d" "$us_w" "$all"
   done
   echo
   report_ratio inherit reuseport 0.97 "inherit  / reuseport"
+  report_ratio inherit-rp reuseport 0 "inherit-rp / reuseport"
   report_ratio dispatch reuseport 0.90 "dispatch / reuseport"
   report_ratio dispatch naive 0.97 "dispatch / naive"
   report_ratio naive reuseport 0 "naive    / reuseport"

@@ -405,12 +405,9 @@ ServeOutcome HandoffServer::serve_taker(Channel& taker, pid_t taker_pid) {
       }
       std::array<pollfd, 2> fds{pollfd{taker.native_handle().get(), POLLIN, 0},
                                 pollfd{control_.get(), POLLIN, 0}};
-      const auto left = std::chrono::ceil<std::chrono::milliseconds>(deadline - Clock::now());
-      if (left.count() <= 0) return Wait::timed_out;
-      const int timeout_ms = static_cast<int>(std::min<std::int64_t>(left.count(), 1'000'000));
-      const int n = ::poll(fds.data(), fds.size(), timeout_ms);
-      if (n < 0 && errno != EINTR) sys::throw_errno("poll(handoff taker)");
-      if (n > 0 && (fds[1].revents & POLLIN) != 0) {
+      const int n = sys::wait_any(fds, deadline);
+      if (n == 0) return Wait::timed_out;
+      if ((fds[1].revents & POLLIN) != 0) {
         const int other = sys::retry_eintr([&] {
           return sys::seam().accept4(control_.get(), nullptr, nullptr, SOCK_CLOEXEC | SOCK_NONBLOCK);
         });

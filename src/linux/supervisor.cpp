@@ -19,6 +19,7 @@
 #include <string>
 
 #include "linux/sys.hpp"
+#include "sockshare/systemd.hpp"
 
 extern char** environ;
 
@@ -32,7 +33,6 @@ using std::chrono::milliseconds;
 constexpr auto kIdPidfd = static_cast<idtype_t>(3);
 // A worker the dispatcher cut off gets SIGTERM, then SIGKILL after this long.
 constexpr milliseconds kCutOffKillAfter{5000};
-constexpr std::size_t kPidDigits = 20;
 
 // Debian 12's <sys/pidfd.h> lacks C linkage for C++; the syscalls are stable ABI.
 int open_pidfd(pid_t pid) { return static_cast<int>(::syscall(SYS_pidfd_open, pid, 0)); }
@@ -82,17 +82,6 @@ std::string describe_status(int status) {
   return "exited with status " + std::to_string(status);
 }
 
-// Async-signal-safe: writes the decimal digits of `value` and a NUL into `out`.
-void write_digits(char* out, long value) {
-  char tmp[kPidDigits];
-  int n = 0;
-  do {
-    tmp[n++] = static_cast<char>('0' + value % 10);
-    value /= 10;
-  } while (value > 0 && n < static_cast<int>(kPidDigits));
-  for (int i = 0; i < n; ++i) out[i] = tmp[n - 1 - i];
-  out[n] = '\0';
-}
 
 struct Slot {
   std::uint32_t index = 0;
@@ -125,7 +114,6 @@ struct Supervisor::Impl {
   std::vector<Fd> shared_listeners;    // inherit mode, indexed like opt.listeners
   std::vector<bool> per_worker;        // listener i is a reuse-port group
   std::vector<Endpoint> endpoints;
-  std::string fd_names;
   bool started = false;
   bool shutting_down = false;
   Clock::time_point term_at = Clock::time_point::max();
@@ -185,12 +173,11 @@ struct Supervisor::Impl {
       throw Error(ErrorKind::invalid_input, 0, "Supervisor::start", "inherit mode needs listeners");
     }
     for (auto& l : opt.listeners) {
-      if (l.name.empty() || l.name.find(':') != std::string::npos) {
+      if (!systemd::is_valid_name(l.name)) {
         throw Error(ErrorKind::invalid_input, 0, "Supervisor::start",
-                    "listener name \"" + l.name + "\" must be non-empty and without ':'");
+                    "listener name \"" + l.name +
+                        "\" is not valid for LISTEN_FDNAMES (1-255 printable ASCII, no ':')");
       }
-      if (!fd_names.empty()) fd_names += ':';
-      fd_names += l.name;
       const bool unix_socket = l.endpoint.kind == Endpoint::Kind::unix_path ||
                                l.endpoint.kind == Endpoint::Kind::unix_abstract;
       const bool group = opt.reuse_port_per_worker && !(l.socket.valid() ? identify(l.socket.borrow()).family == AF_UNIX : unix_socket);
@@ -226,40 +213,31 @@ struct Supervisor::Impl {
   void spawn(Slot& slot) {
     const auto now = Clock::now();
     slot.restart_at = Clock::time_point::max();
-    std::vector<BorrowedFd> inherit;
     std::optional<Channel> ours;
     std::optional<Channel> theirs;
     std::vector<std::string> env = base_env;
     env.push_back(std::string(dispatch::kWorkerIndexEnv) + "=" + std::to_string(slot.index));
-    std::size_t pid_entry = 0;
+    std::vector<systemd::PassedListener> listeners;
+    std::vector<BorrowedFd> channel;
     if (opt.mode == WorkerMode::dispatch) {
       auto [a, b] = Channel::pair();
       ours.emplace(std::move(a));
       theirs.emplace(std::move(b));
-      inherit.push_back(theirs->native_handle());
-      env.push_back(std::string(dispatch::kChannelFdEnv) + "=3");
+      channel.push_back(theirs->native_handle());
+      env.push_back(std::string(dispatch::kChannelFdEnv) + "=" + std::to_string(systemd::kListenFdsStart));
     } else {
       for (std::size_t i = 0; i < shared_listeners.size(); ++i) {
-        inherit.push_back(per_worker[i] ? slot.own_listeners[i].borrow() : shared_listeners[i].borrow());
+        listeners.push_back({per_worker[i] ? slot.own_listeners[i].borrow() : shared_listeners[i].borrow(),
+                             opt.listeners[i].name});
       }
-      env.push_back("LISTEN_FDS=" + std::to_string(inherit.size()));
-      env.push_back("LISTEN_FDNAMES=" + fd_names);
-      // The child writes its own pid here between fork and exec: room for the digits now,
-      // because nothing may allocate after fork.
-      env.push_back("LISTEN_PID=" + std::string(kPidDigits + 1, '\0'));
-      pid_entry = env.size() - 1;
     }
-    std::vector<char*> envp;
-    for (auto& e : env) envp.push_back(e.data());
-    envp.push_back(nullptr);
+    // Descriptors from 3 and LISTEN_FDS/LISTEN_FDNAMES/LISTEN_PID (inherit mode), or the
+    // channel at 3 (dispatch mode), prepared now: nothing may allocate after fork.
+    systemd::ActivationLayout layout(listeners, std::move(env), channel);
     std::vector<std::string> argv_copy = opt.argv;
     std::vector<char*> argv;
     for (auto& a : argv_copy) argv.push_back(a.data());
     argv.push_back(nullptr);
-    std::vector<int> sources;
-    for (auto fd : inherit) sources.push_back(fd.get());
-    char* pid_digits = opt.mode == WorkerMode::inherit ? env[pid_entry].data() + std::strlen("LISTEN_PID=") : nullptr;
-    const int target_end = 3 + static_cast<int>(sources.size());
     const pid_t parent = ::getpid();
     const int death_signal = opt.parent_death_signal;
     const char* path = program.c_str();
@@ -282,18 +260,8 @@ struct Supervisor::Impl {
       struct sigaction dfl {};
       dfl.sa_handler = SIG_DFL;
       ::sigaction(SIGPIPE, &dfl, nullptr);
-      // Out of the target range first, so no dup2 overwrites a source not yet moved.
-      for (int& fd : sources) {
-        fd = ::fcntl(fd, F_DUPFD_CLOEXEC, target_end);
-        if (fd < 0) ::_exit(126);
-      }
-      // dup2 clears close-on-exec on the copy: exactly these become inheritable.
-      for (std::size_t i = 0; i < sources.size(); ++i) {
-        if (::dup2(sources[i], 3 + static_cast<int>(i)) < 0) ::_exit(126);
-      }
-      ::close_range(static_cast<unsigned>(target_end), ~0U, 0);
-      if (pid_digits != nullptr) write_digits(pid_digits, static_cast<long>(::getpid()));
-      ::execve(path, argv.data(), envp.data());
+      if (layout.apply_in_child() != 0) ::_exit(126);
+      ::execve(path, argv.data(), layout.envp());
       ::_exit(127);
     }
 

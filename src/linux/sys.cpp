@@ -35,18 +35,25 @@ Deadline deadline_after(std::chrono::milliseconds timeout) {
 }
 
 bool wait_ready(int fd, short events, Deadline deadline) {
+  pollfd p{fd, events, 0};
+  return wait_any(std::span<pollfd>(&p, 1), deadline) > 0;
+}
+
+int wait_any(std::span<pollfd> fds, Deadline deadline) {
   for (;;) {
     int timeout_ms = -1;
     if (deadline != kNoDeadline) {
       auto left = std::chrono::ceil<std::chrono::milliseconds>(
           deadline - std::chrono::steady_clock::now());
-      if (left.count() <= 0) return false;
+      if (left.count() <= 0) return 0;
       timeout_ms = left.count() > 1'000'000 ? 1'000'000 : static_cast<int>(left.count());
     }
-    pollfd p{fd, events, 0};
-    int n = ::poll(&p, 1, timeout_ms);
-    if (n > 0) return true;
-    if (n < 0 && errno != EINTR) SOCKSHARE_THROW_ERRNO("poll(fd " + std::to_string(fd) + ")");
+    const int n = ::poll(fds.data(), static_cast<nfds_t>(fds.size()), timeout_ms);
+    if (n > 0) return n;
+    if (n < 0 && errno != EINTR) {
+      SOCKSHARE_THROW_ERRNO("poll(" + std::to_string(fds.size()) + " fds, first " +
+                            std::to_string(fds.empty() ? -1 : fds[0].fd) + ")");
+    }
   }
 }
 

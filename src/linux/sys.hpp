@@ -2,12 +2,15 @@
 // retried in exactly one place and tests can inject EAGAIN, EMFILE or ETOOMANYREFS.
 #pragma once
 
+#include <poll.h>
+
 #include <sys/socket.h>
 #include <sys/syscall.h>
 #include <sys/types.h>
 
 #include <cerrno>
 #include <chrono>
+#include <span>
 #include <optional>
 #include <string>
 
@@ -66,7 +69,8 @@ private:
 };
 
 // Runs `call` until it does not fail with EINTR: the one retry loop for calls that return at
-// once. Waits with a deadline go through wait_ready(), which recomputes what is left.
+// once. Waits with a deadline go through wait_ready() or wait_any(), which recompute what is
+// left.
 template <class Call>
 auto retry_eintr(Call&& call) {
   for (;;) {
@@ -84,6 +88,8 @@ Deadline deadline_after(std::chrono::milliseconds timeout);
 // Returns false on timeout. POLLHUP/POLLERR count as ready so the caller's next call
 // reports the real error.
 bool wait_ready(int fd, short events, Deadline deadline);
+// The same for several descriptors: returns how many have revents set, 0 at the deadline.
+int wait_any(std::span<pollfd> fds, Deadline deadline);
 
 [[noreturn]] void throw_errno(std::string operation);
 

@@ -4,12 +4,14 @@
 // every descriptor that arrived and leaves the channel usable.
 #include <fcntl.h>
 #include <poll.h>
+#include <pthread.h>
 #include <signal.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/un.h>
 #include <unistd.h>
 
+#include <array>
 #include <atomic>
 #include <cstring>
 #include <set>
@@ -881,6 +883,43 @@ TEST_F(ChannelTraps, EintrIsRetriedOnSendReceiveAndAccept) {
   client.send({.payload = bytes("ok")}, seconds(5));
   inject(0, 0);
   EXPECT_EQ(server.receive({}, seconds(5)).payload_text(), "ok");
+}
+
+TEST_F(ChannelTraps, EintrDuringADeadlineWaitKeepsWaitingAndKeepsTheDeadline) {
+  // A handler without SA_RESTART makes poll() fail with EINTR; the wait must go on with what
+  // is left of its deadline, neither throwing nor restarting the full timeout.
+  struct sigaction quiet {};
+  quiet.sa_handler = [](int) {};
+  struct sigaction saved {};
+  ASSERT_EQ(::sigaction(SIGUSR1, &quiet, &saved), 0);
+  auto [r1, w1] = test::make_pipe();
+  auto [r2, w2] = test::make_pipe();
+  const pthread_t waiter = ::pthread_self();
+  std::atomic<bool> stop{false};
+  std::atomic<int> sent{0};
+  std::thread interrupter([&] {
+    while (!stop.load()) {
+      ::pthread_kill(waiter, SIGUSR1);
+      ++sent;
+      std::this_thread::sleep_for(std::chrono::milliseconds(2));
+      if (sent.load() == 50) (void)!::write(w2.get(), "x", 1);
+    }
+  });
+  std::array<pollfd, 2> fds{pollfd{r1.get(), POLLIN, 0}, pollfd{r2.get(), POLLIN, 0}};
+  EXPECT_EQ(sys::wait_any(fds, sys::deadline_after(seconds(10))), 1);
+  EXPECT_GE(sent.load(), 50);
+  EXPECT_EQ(fds[0].revents, 0);
+  EXPECT_NE(fds[1].revents & POLLIN, 0);
+  // Nothing ready: back at the deadline, interrupted all the way.
+  std::array<pollfd, 1> idle{pollfd{r1.get(), POLLIN, 0}};
+  const auto begin = std::chrono::steady_clock::now();
+  EXPECT_EQ(sys::wait_any(idle, sys::deadline_after(std::chrono::milliseconds(150))), 0);
+  const auto took = std::chrono::steady_clock::now() - begin;
+  EXPECT_GE(took, std::chrono::milliseconds(149));
+  EXPECT_LT(took, seconds(5));
+  stop = true;
+  interrupter.join();
+  ::sigaction(SIGUSR1, &saved, nullptr);
 }
 
 TEST_F(ChannelTraps, SequenceNumbersStartAtOneAndIncreaseByOne) {
