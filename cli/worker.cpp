@@ -56,7 +56,9 @@ std::int64_t now_seconds() {
 struct Listener {
   Fd socket;
   std::string name;
-  bool deferred = false;  // TCP_DEFER_ACCEPT: what accept() returns has its first bytes
+  // TCP_DEFER_ACCEPT: what accept() returns has usually sent its first bytes (all but the
+  // clients that stayed silent for the whole deferral, which are accepted empty).
+  bool deferred = false;
 };
 
 // The listeners inherited by the systemd convention. sd_listen_fds() silently ignores a
@@ -393,9 +395,9 @@ void Server::adopt(Fd socket, bool shared, std::vector<std::byte>* initial_bytes
     conn.in.assign(reinterpret_cast<const char*>(initial_bytes->data()), initial_bytes->size());
   }
   if (shared || data_first) {
-    // A handed-off connection usually has its request waiting already, one from a listener
-    // with deferred accept always has its first bytes: read now rather than paying an epoll
-    // round trip first.
+    // A handed-off connection, or one from a listener with deferred accept, usually has its
+    // request waiting already: read now rather than paying an epoll round trip first (an
+    // empty read falls back to waiting for it).
     serve(conn, true);
   } else {
     watch(conn, EPOLLIN);

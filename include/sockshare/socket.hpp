@@ -64,9 +64,11 @@ struct ListenOptions {
   bool nonblocking = true;
   bool unlink_stale = true;  // remove an existing unix socket file that nobody listens on
   // TCP only (TCP_DEFER_ACCEPT): a connection is queued for accept() once its first data has
-  // arrived, or once this many seconds have passed without any. For protocols where the
-  // client speaks first (HTTP): the server never wakes up for a connection it cannot read
-  // yet. 0: off. Never for protocols where the server speaks first (SMTP, SSH, MySQL).
+  // arrived; one that stays silent is held for about this many seconds (the kernel re-sends
+  // its SYN-ACK meanwhile) and then queued empty on the client's next ACK. For protocols
+  // where the client speaks first (HTTP): the server is not woken for a connection it cannot
+  // read yet. 0: off. Not for protocols where the server speaks first (SMTP, SSH, MySQL):
+  // their clients would wait out the deferral.
   std::chrono::seconds defer_accept{0};
 };
 

@@ -60,7 +60,7 @@ enum class WorkerMode {
 
 // A listener for inherit mode.
 struct InheritListener {
-  std::string name = {};  // its LISTEN_FDNAMES entry (no ':' allowed)
+  std::string name = {};  // its LISTEN_FDNAMES entry: systemd::is_valid_name() (1-255 printable ASCII, no ':')
   // shared mode: the listening socket every worker inherits (from listen_on()).
   // per-worker mode: optional; when valid it is the first SO_REUSEPORT socket of the group
   // and must have been opened with ListenOptions::reuse_port.

@@ -47,6 +47,7 @@ constexpr std::chrono::milliseconds kRejectPause{100};
 // ETOOMANYREFS/ENOBUFS do not make the channel writable later, so retry on a timer (R10).
 constexpr std::chrono::milliseconds kOverloadRetry{10};
 constexpr int kMessagesPerWake = 64;
+constexpr std::size_t kKeepMetaBytes = 1024;  // per reused metadata buffer
 
 std::uint64_t mix(std::uint64_t x) {  // splitmix64 finalizer
   x += 0x9E3779B97F4A7C15ULL;
@@ -562,7 +563,9 @@ struct Dispatcher::Impl {
       std::optional<std::uint64_t> seq;
       try {
         seq = w.channel.try_send({.type = kConnections, .fds = fd_scratch, .fd_meta = meta_spans});
+        release_large_scratch(count);
       } catch (const Error& e) {
+        release_large_scratch(count);
         if (e.kind() == ErrorKind::overloaded) {
           // R10: ETOOMANYREFS (too many descriptors in flight for this uid) or ENOBUFS.
           w.paused_until = now + kOverloadRetry;
@@ -595,6 +598,14 @@ struct Dispatcher::Impl {
     }
     if ((draining || w.drain_until) && w.outbox.empty() && !w.drain_sent && !w.bye && !w.want_out) {
       send_drain(w, now);
+    }
+  }
+
+  // Metadata buffers are reused from batch to batch; one that grew for a large peek
+  // (--peek-bytes up to 16 KiB, 253 to a batch) is given back instead of kept for good.
+  void release_large_scratch(std::size_t used) {
+    for (std::size_t i = 0; i < used && i < meta_scratch.size(); ++i) {
+      if (meta_scratch[i].capacity() > kKeepMetaBytes) std::vector<std::byte>().swap(meta_scratch[i]);
     }
   }
 

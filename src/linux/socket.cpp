@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <limits>
 #include <string>
 
 #include "linux/sys.hpp"
@@ -252,7 +253,9 @@ Fd listen_on(const Endpoint& endpoint, const ListenOptions& options) {
   if (::listen(fd.get(), options.backlog) != 0) SOCKSHARE_THROW_ERRNO("listen(" + what + ")");
   const bool tcp = endpoint.kind == Endpoint::Kind::inet || endpoint.kind == Endpoint::Kind::inet6;
   if (tcp && options.defer_accept.count() > 0) {
-    const int seconds = static_cast<int>(std::min<std::int64_t>(options.defer_accept.count(), 3600));
+    // The kernel caps it itself (at 255 retransmissions); only the int must not overflow.
+    const int seconds = static_cast<int>(
+        std::min<std::int64_t>(options.defer_accept.count(), std::numeric_limits<int>::max()));
     if (::setsockopt(fd.get(), IPPROTO_TCP, TCP_DEFER_ACCEPT, &seconds, sizeof seconds) != 0) {
       SOCKSHARE_THROW_ERRNO("setsockopt(TCP_DEFER_ACCEPT) on " + what);
     }

@@ -261,6 +261,10 @@ struct Supervisor::Impl {
       dfl.sa_handler = SIG_DFL;
       ::sigaction(SIGPIPE, &dfl, nullptr);
       if (layout.apply_in_child() != 0) ::_exit(126);
+      // apply_in_child() marks the rest close-on-exec, which kernels before 5.11 cannot do
+      // (close_range without CLOSE_RANGE_CLOEXEC exists from 5.9): nothing above the laid-out
+      // range is needed before execve, so close it outright as well.
+      ::close_range(static_cast<unsigned>(systemd::kListenFdsStart + layout.descriptor_count()), ~0U, 0);
       ::execve(path, argv.data(), layout.envp());
       ::_exit(127);
     }
