@@ -1015,7 +1015,7 @@ std::string Serve::render_text() const {
       if (w.crash_looping) line += " CRASH-LOOP";
       for (const auto& v : views) {
         if (v.id == w.worker_id && w.worker_id != 0) {
-          line += fmt::format(" in-flight {} load {}", v.in_flight, v.reported_load);
+          line += fmt::format(" in-flight {} load {}{}", v.in_flight, v.reported_load, v.busy ? " busy" : "");
         }
       }
       out += line + "\n";

@@ -144,7 +144,8 @@ class Server {
   void begin_drain(std::string_view why);
   void sweep_idle();
   void burn(std::uint32_t ms);
-  void report_load(bool now);
+  void report_load();
+  void report_busy(bool busy);
   void close_deferred();
 
   Fd epoll_;
@@ -259,7 +260,7 @@ int Server::run() {
       }
     }
     if (now_seconds() != last_sweep_) sweep_idle();
-    report_load(false);
+    report_load();
   }
   log::info("worker-down", "index={} pid={}", index_, ::getpid());
   return 0;
@@ -268,10 +269,10 @@ int Server::run() {
 // Connections that open and close within a millisecond say nothing useful about load, and a
 // report per change would double the channel traffic per connection (and make a worker that
 // is merely waiting for a request look as busy as one deep in work): a rise is reported once
-// it has lasted a millisecond, or at once when the worker is about to be busy (a burn). A fall
-// below what was reported goes out at once: a load the dispatcher still believes would keep
-// connections from a worker that is free again (after a burn, say).
-void Server::report_load(bool now) {
+// it has lasted a millisecond (a burn says so at once: report_busy). A fall below what was
+// reported goes out at once: a load the dispatcher still believes would keep connections
+// from a worker that is free again.
+void Server::report_load() {
   if (!worker_ || draining_) return;
   if (active_ == reported_load_) {
     change_since_ = Clock::time_point{};
@@ -279,7 +280,7 @@ void Server::report_load(bool now) {
   }
   const auto t = Clock::now();
   if (change_since_ == Clock::time_point{}) change_since_ = t;
-  if (!now && active_ > reported_load_ && t - change_since_ < kLoadReportDelay) return;
+  if (active_ > reported_load_ && t - change_since_ < kLoadReportDelay) return;
   change_since_ = Clock::time_point{};
   reported_load_ = active_;
   try {
@@ -427,11 +428,25 @@ bool Server::read_some(Conn& conn) {
 void Server::burn(std::uint32_t ms) {
   // Busy work on purpose: this simulates a CPU-bound request, so the worker is unavailable
   // to its other connections meanwhile, exactly what a load-aware policy should route around.
-  report_load(true);
+  // The dispatcher hears of it before (no new connection comes here meanwhile: it waits for
+  // whichever worker frees first) and of its end at once.
+  report_busy(true);
   const auto until = Clock::now() + std::chrono::milliseconds(ms);
   volatile std::uint64_t sink = 0;
   while (Clock::now() < until) {
     for (int i = 0; i < 1000; ++i) sink = sink + static_cast<std::uint64_t>(i);
+  }
+  report_busy(false);
+}
+
+void Server::report_busy(bool busy) {
+  if (!worker_ || draining_) return;
+  change_since_ = Clock::time_point{};
+  reported_load_ = active_;
+  try {
+    worker_->report_load(static_cast<std::uint32_t>(active_), busy);
+  } catch (const Error& e) {
+    begin_drain(e.what());
   }
 }
 

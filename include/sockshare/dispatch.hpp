@@ -29,6 +29,9 @@ inline constexpr std::uint16_t kHello = 0x8201;       // worker -> dispatcher: i
 inline constexpr std::uint16_t kConnections = 0x8202; // dispatcher -> worker: 1..253 fds, metadata per fd
 inline constexpr std::uint16_t kAck = 0x8203;         // worker -> dispatcher: connection ids received
 inline constexpr std::uint16_t kLoad = 0x8204;        // worker -> dispatcher: connections in service
+// In a load report: the worker is inside a long piece of work and will not read its channel
+// until its next report; the other 31 bits are the connection count.
+inline constexpr std::uint32_t kLoadBusyBit = 1U << 31;
 inline constexpr std::uint16_t kDrain = 0x8205;       // dispatcher -> worker: finish and exit
 inline constexpr std::uint16_t kBye = 0x8206;         // worker -> dispatcher: leaving
 // worker -> dispatcher: the descriptors of the kConnections message with this sequence
@@ -87,9 +90,12 @@ public:
   // away (false); throws timed_out.
   bool wait(std::vector<Connection>& out, std::chrono::milliseconds timeout = kForever);
 
-  // How many connections this worker is serving; feeds the least-loaded policy. Cheap to
-  // call often: sends only when the value changed.
-  void report_load(std::uint32_t active_connections);
+  // How many connections this worker is serving (below 2^31); feeds the least-loaded policy.
+  // `busy`: about to do something long that keeps this worker from its channel (a CPU-heavy
+  // request): least-loaded sends it nothing new until a report without it, so a connection
+  // waits for whichever worker frees first instead of queueing behind this one. Report the
+  // end of it at once. Cheap to call often: sends only when something changed.
+  void report_load(std::uint32_t active_connections, bool busy = false);
 
   [[nodiscard]] bool draining() const noexcept { return draining_; }
 
@@ -119,6 +125,7 @@ struct WorkerView {
   std::uint32_t in_flight = 0;      // picked for it, not yet acknowledged
   std::uint32_t reported_load = 0;  // from the worker's last load report
   bool ready = false;               // its hello arrived (Dispatcher::workers() lists all)
+  bool busy = false;                // its last load report said it is inside long work
 };
 
 enum class Policy { round_robin, least_loaded, client_hash, custom };

@@ -121,6 +121,7 @@ struct WorkerState {
   Clock::time_point blocked_since{};
   Clock::time_point paused_until{};  // after a reject or ETOOMANYREFS
   std::uint32_t reported_load = 0;
+  bool reported_busy = false;  // its last load report carried kLoadBusyBit
   std::unordered_map<std::uint64_t, Conn> in_flight;
   std::deque<std::pair<Clock::time_point, std::uint64_t>> sent_order;  // for the ack timeout
   std::deque<Conn> outbox;     // picked for this worker, not yet sent
@@ -243,12 +244,15 @@ struct Dispatcher::Impl {
            w.load() < opt.max_in_flight && !busy(w, now);
   }
 
-  // A responsive worker acks within microseconds of a send; one that has not for busy_after
+  // Least-loaded only. A worker says so before long work (kLoadBusyBit); otherwise a
+  // responsive worker acks within microseconds of a send, and one that has not for busy_after
   // is inside a long request. sent_order's front is its oldest unacknowledged connection
   // (acks and rejects pop what they settled).
   [[nodiscard]] bool busy(const WorkerState& w, Clock::time_point now) const {
-    return opt.policy == Policy::least_loaded && opt.busy_after.count() > 0 &&
-           !w.sent_order.empty() && now - w.sent_order.front().first >= opt.busy_after;
+    if (opt.policy != Policy::least_loaded) return false;
+    if (w.reported_busy) return true;
+    return opt.busy_after.count() > 0 && !w.sent_order.empty() &&
+           now - w.sent_order.front().first >= opt.busy_after;
   }
 
   // Connections the workers can take right now, minus those already waiting for one.
@@ -320,7 +324,7 @@ struct Dispatcher::Impl {
         candidates.clear();
         for (auto& w : workers) {
           if (!available(*w, now)) continue;
-          views.push_back({w->id, w->index, w->pid, w->load(), w->reported_load, true});
+          views.push_back({w->id, w->index, w->pid, w->load(), w->reported_load, true, w->reported_busy});
           candidates.push_back(w.get());
         }
         if (candidates.empty()) return nullptr;
@@ -754,7 +758,8 @@ struct Dispatcher::Impl {
           violation(w, "load report of " + std::to_string(p.size()) + " bytes", now);
           return false;
         }
-        w.reported_load = get_u32(p.data());
+        w.reported_load = get_u32(p.data()) & ~kLoadBusyBit;
+        w.reported_busy = (get_u32(p.data()) & kLoadBusyBit) != 0;
         return true;
       case kReject: {
         if (p.size() != 8) {
@@ -1056,7 +1061,7 @@ void Dispatcher::unwatch(BorrowedFd fd) {
 std::vector<WorkerView> Dispatcher::workers() const {
   std::vector<WorkerView> out;
   for (const auto& w : impl_->workers) {
-    out.push_back({w->id, w->index, w->pid, w->load(), w->reported_load, w->hello});
+    out.push_back({w->id, w->index, w->pid, w->load(), w->reported_load, w->hello, w->reported_busy});
   }
   return out;
 }

@@ -175,13 +175,14 @@ bool Worker::wait(std::vector<Connection>& out, std::chrono::milliseconds timeou
   }
 }
 
-void Worker::report_load(std::uint32_t active_connections) {
-  if (gone_ || draining_ || last_load_ == active_connections) return;
+void Worker::report_load(std::uint32_t active_connections, bool busy) {
+  const std::uint32_t value = std::min(active_connections, kLoadBusyBit - 1) | (busy ? kLoadBusyBit : 0);
+  if (gone_ || draining_ || last_load_ == value) return;
   std::byte payload[4];
-  put_u32(payload, active_connections);
+  put_u32(payload, value);
   try {
     // A full channel only delays the report: the next call sends the then-current value.
-    if (channel_.try_send({.type = kLoad, .payload = payload})) last_load_ = active_connections;
+    if (channel_.try_send({.type = kLoad, .payload = payload})) last_load_ = value;
   } catch (const Error& e) {
     if (e.kind() != ErrorKind::peer_gone) throw;
     gone_ = true;

@@ -820,7 +820,8 @@ TEST_F(Cli, R12_KilledWorkerUnderLoadIsRestartedAndRequestsKeepSucceeding) {
 }
 
 // Sends a request that burns `ms` of worker CPU and returns its connection once the request
-// is in service: the worker reports load 1 before burning. Invalid if that never showed.
+// is in service: the worker reports itself busy (load 1) before burning. Invalid if that
+// never showed.
 Fd start_burn(const Server& s, int ms) {
   Fd busy = connect_tcp(s.port);
   if (!busy.valid() ||
@@ -828,12 +829,7 @@ Fd start_burn(const Server& s, int ms) {
                           " HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")) {
     return Fd();
   }
-  const auto deadline = Clock::now() + 10s;
-  while (Clock::now() < deadline) {
-    Captured st = run_capture({kCli, "status", "--control", s.control});
-    if (st.out.find("load 1") != std::string::npos) return busy;
-  }
-  return Fd();
+  return wait_for_status(s, "load 1 busy") ? std::move(busy) : Fd();
 }
 
 TEST_F(Cli, S6_LeastLoadedRoutesAroundABusyWorker) {

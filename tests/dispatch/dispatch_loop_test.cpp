@@ -395,6 +395,85 @@ TEST_F(DispatchLoop, S6_LeastLoadedHoldsNewConnectionsWhileEveryWorkerIsBusy) {
   }
 }
 
+TEST_F(DispatchLoop, S6_WorkerThatReportsBusyGetsNothingNewUntilItReportsAgain) {
+  // A worker announces long work (report_load with busy) before it starts: least-loaded
+  // sends it nothing from then on, and with every worker busy a connection waits in the
+  // backlog for the first one that reports the end of its work.
+  auto [listener, ep] = loopback_listener();
+  Dispatcher d({.policy = Policy::least_loaded, .ack_timeout = 60s});
+  d.add_listener("web", std::move(listener));
+  auto [ours0, theirs0] = Channel::pair();
+  auto [ours1, theirs1] = Channel::pair();
+  d.add_worker(std::move(ours0), ::getpid(), 0);
+  d.add_worker(std::move(ours1), ::getpid(), 1);
+  Worker w0(std::move(theirs0), 0);
+  Worker w1(std::move(theirs1), 1);
+  auto busy_is = [&](bool b0, bool b1) {
+    auto v = d.workers();
+    return v.size() == 2 && v[0].ready && v[1].ready && v[0].busy == b0 && v[1].busy == b1;
+  };
+  w0.report_load(0, true);  // as idle as worker 1 by its count: only the flag keeps it out
+  ASSERT_TRUE(pump(d, [&] { return busy_is(true, false); }));
+
+  std::vector<Client> clients;
+  std::vector<Connection> got0, got1;
+  for (int i = 0; i < 4; ++i) {
+    clients.emplace_back(ep, "x\n");
+    ASSERT_TRUE(pump(d, [&] { w0.poll(got0); w1.poll(got1); return got1.size() == clients.size(); }));
+  }
+  EXPECT_TRUE(got0.empty()) << "a connection went to the worker that said it was busy";
+
+  w1.report_load(0, true);
+  ASSERT_TRUE(pump(d, [&] { return busy_is(true, true); }));
+  clients.emplace_back(ep, "held\n");
+  const bool sent = pump(d, [&] { w0.poll(got0); w1.poll(got1); return !got0.empty() || got1.size() > 4; }, 300ms);
+  EXPECT_FALSE(sent) << "a connection went to a busy worker";
+  EXPECT_EQ(d.stats().accepted, 4u);  // the fifth waits in the kernel's backlog
+
+  w0.report_load(0, false);  // worker 0's long work is over: the held connection is its
+  ASSERT_TRUE(pump(d, [&] { w0.poll(got0); return !got0.empty(); }));
+  EXPECT_EQ(got0.size(), 1u);
+  w1.poll(got1);
+  EXPECT_EQ(got1.size(), 4u);
+  for (auto& c : got0) test::serve(c, 0);
+  for (auto& c : got1) test::serve(c, 1);
+  for (auto& c : clients) ASSERT_TRUE(pump(d, [&] { return c.advance(); }));
+  EXPECT_EQ(clients.back().field("w"), "0");
+  w1.report_load(2, true);
+  ASSERT_TRUE(pump(d, [&] { return d.workers()[1].reported_load == 2 && d.workers()[1].busy; }))
+      << "the flag is not part of the count";
+  test::settle(d);
+  test::expect_accounted(d);
+}
+
+TEST_F(DispatchLoop, S6_BusyReportsDoNotChangeRoundRobin) {
+  // Only least-loaded reads the flag: round robin stays a strict rotation.
+  auto [listener, ep] = loopback_listener();
+  Dispatcher d({.policy = Policy::round_robin});
+  d.add_listener("web", std::move(listener));
+  auto [ours0, theirs0] = Channel::pair();
+  auto [ours1, theirs1] = Channel::pair();
+  d.add_worker(std::move(ours0), ::getpid(), 0);
+  d.add_worker(std::move(ours1), ::getpid(), 1);
+  Worker w0(std::move(theirs0), 0);
+  Worker w1(std::move(theirs1), 1);
+  w0.report_load(0, true);
+  ASSERT_TRUE(pump(d, [&] { auto v = d.workers(); return v.size() == 2 && v[0].busy && v[1].ready; }));
+  std::vector<Client> clients;
+  std::vector<Connection> got0, got1;
+  for (int i = 0; i < 4; ++i) {
+    clients.emplace_back(ep, "x\n");
+    ASSERT_TRUE(pump(d, [&] { w0.poll(got0); w1.poll(got1); return got0.size() + got1.size() == clients.size(); }));
+  }
+  EXPECT_EQ(got0.size(), 2u);
+  EXPECT_EQ(got1.size(), 2u);
+  for (auto& c : got0) test::serve(c, 0);
+  for (auto& c : got1) test::serve(c, 1);
+  for (auto& c : clients) ASSERT_TRUE(pump(d, [&] { return c.advance(); }));
+  test::settle(d);
+  test::expect_accounted(d);
+}
+
 TEST_F(DispatchLoop, R12_AcksAreReadWhileConnectionsArriveAndAfterTheyStop) {
   // Acks free room while connections keep arriving (max_in_flight 2 for 12 connections needs
   // every ack), the last ones are read once arrivals stop, and a worker that goes away right
