@@ -92,9 +92,10 @@ public:
 
   // How many connections this worker is serving (below 2^31); feeds the least-loaded policy.
   // `busy`: about to do something long that keeps this worker from its channel (a CPU-heavy
-  // request): least-loaded sends it nothing new until a report without it, so a connection
-  // waits for whichever worker frees first instead of queueing behind this one. Report the
-  // end of it at once. Cheap to call often: sends only when something changed.
+  // request): least-loaded sends it nothing new until a report without it, and meanwhile
+  // gives the other workers one connection at a time, so a connection waits for whichever
+  // worker frees first instead of queueing behind a long request. Report the end of it at
+  // once. Cheap to call often: sends only when something changed.
   void report_load(std::uint32_t active_connections, bool busy = false);
 
   [[nodiscard]] bool draining() const noexcept { return draining_; }

@@ -241,7 +241,21 @@ struct Dispatcher::Impl {
 
   [[nodiscard]] bool available(const WorkerState& w, Clock::time_point now) const {
     return w.hello && !w.bye && !w.drain_sent && !w.drain_until && !w.want_out && now >= w.paused_until &&
-           w.load() < opt.max_in_flight && !busy(w, now);
+           w.load() < in_flight_limit() && !busy(w, now);
+  }
+
+  // While a worker says it is busy, long requests are about: least-loaded then gives each
+  // worker one connection at a time, the next once it has taken that one (and had the chance
+  // to say it is busy in turn), so connections wait in the backlog for whichever worker frees
+  // first instead of piling up behind one that may be starting a long request. Without busy
+  // workers, batches of up to max_in_flight keep the per-connection cost low.
+  [[nodiscard]] std::size_t in_flight_limit() const {
+    return opt.policy == Policy::least_loaded && any_reported_busy ? 1 : opt.max_in_flight;
+  }
+
+  void refresh_any_reported_busy() {
+    any_reported_busy = std::any_of(workers.begin(), workers.end(),
+                                    [](const auto& w) { return w->reported_busy; });
   }
 
   // Least-loaded only. A worker says so before long work (kLoadBusyBit); otherwise a
@@ -259,7 +273,7 @@ struct Dispatcher::Impl {
   [[nodiscard]] std::size_t free_capacity(Clock::time_point now) const {
     std::size_t room = 0;
     for (const auto& w : workers) {
-      if (available(*w, now)) room += opt.max_in_flight - w->load();
+      if (available(*w, now)) room += in_flight_limit() - w->load();
     }
     const std::size_t waiting = pending.size() + peeking.size();
     return room > waiting ? room - waiting : 0;
@@ -458,6 +472,7 @@ struct Dispatcher::Impl {
   }
 
   std::uint64_t broken_listener = 0;
+  bool any_reported_busy = false;  // some worker's last load report carried kLoadBusyBit
 
   void drop_listener(std::uint64_t id) {
     for (auto it = listeners.begin(); it != listeners.end(); ++it) {
@@ -663,6 +678,7 @@ struct Dispatcher::Impl {
       if ((*it)->id == id) {
         owned = std::move(*it);
         workers.erase(it);
+        refresh_any_reported_busy();
         break;
       }
     }
@@ -760,6 +776,7 @@ struct Dispatcher::Impl {
         }
         w.reported_load = get_u32(p.data()) & ~kLoadBusyBit;
         w.reported_busy = (get_u32(p.data()) & kLoadBusyBit) != 0;
+        refresh_any_reported_busy();
         return true;
       case kReject: {
         if (p.size() != 8) {

@@ -446,6 +446,45 @@ TEST_F(DispatchLoop, S6_WorkerThatReportsBusyGetsNothingNewUntilItReportsAgain) 
   test::expect_accounted(d);
 }
 
+TEST_F(DispatchLoop, S6_WhileAWorkerIsBusyTheOthersGetOneConnectionAtATime) {
+  // With long requests about, a batch sent to the one free worker could start with one and
+  // leave the rest behind it: least-loaded hands out one connection per worker and the next
+  // once that one is acknowledged; the rest wait in the backlog.
+  auto [listener, ep] = loopback_listener();
+  Dispatcher d({.policy = Policy::least_loaded, .ack_timeout = 60s});
+  d.add_listener("web", std::move(listener));
+  auto [ours0, raw0] = Channel::pair();
+  auto [ours1, raw1] = Channel::pair();
+  d.add_worker(std::move(ours0), ::getpid(), 0);
+  d.add_worker(std::move(ours1), ::getpid(), 1);
+  send_hello(raw0, 0);
+  send_hello(raw1, 1);
+  const std::uint32_t busy_bits = kLoadBusyBit;
+  std::byte load[4];
+  for (int i = 0; i < 4; ++i) load[i] = static_cast<std::byte>((busy_bits >> (8 * i)) & 0xFF);
+  raw0.send({.type = kLoad, .payload = load}, 5s);
+  ASSERT_TRUE(pump(d, [&] { auto v = d.workers(); return v.size() == 2 && v[1].ready && v[0].busy; }));
+
+  const ReceiveOptions take{.expect = Expect::stream, .allow_unix_sockets = true};
+  std::vector<Client> clients;
+  for (int i = 0; i < 3; ++i) clients.emplace_back(ep, "x\n");
+  Message m;
+  ASSERT_TRUE(pump(d, [&] { return raw1.try_receive(m, take); }));
+  EXPECT_EQ(m.fds.size(), 1u);
+  Message more;
+  EXPECT_FALSE(pump(d, [&] { return raw1.try_receive(more, take) || raw0.try_receive(more, take); }, 200ms))
+      << "a second connection went out before the first was acknowledged";
+  EXPECT_EQ(d.stats().accepted, 1u);
+  for (int i = 0; i < 2; ++i) {
+    raw1.send({.type = kAck, .payload = u64(decode_connection_info(m.fd_meta[0]).id)}, 5s);
+    ASSERT_TRUE(pump(d, [&] { return raw1.try_receive(m, take); })) << "connection " << i + 2;
+    EXPECT_EQ(m.fds.size(), 1u);
+  }
+  raw1.send({.type = kAck, .payload = u64(decode_connection_info(m.fd_meta[0]).id)}, 5s);
+  ASSERT_TRUE(pump(d, [&] { return d.stats().acknowledged == 3; }));
+  test::expect_accounted(d);
+}
+
 TEST_F(DispatchLoop, S6_BusyReportsDoNotChangeRoundRobin) {
   // Only least-loaded reads the flag: round robin stays a strict rotation.
   auto [listener, ep] = loopback_listener();
