@@ -5,6 +5,8 @@
 #   bench/serve_bench.sh [BUILD_DIR]        (default: build-bench, a Release build)
 #   env: LOADS="1x16 2x64" DURATION=5s ROUNDS=3 FIXED_RATE=4000 ACCEPTS="plain deferred"
 #        UNEVEN_RATES="200 400 600 800" UNEVEN_DURATION=10 UNEVEN_CONNECTIONS="16 32"
+#   (set to empty, LOADS, ACCEPTS, UNEVEN_RATES or UNEVEN_CONNECTIONS skip what they list:
+#   LOADS= ACCEPTS= runs only scenario 2)
 #
 # Scenario 1, uniform tiny requests (wrk, closed loop): connections/s, p50, p99 of
 #   reuseport  bench/baseline_reuseport       2 processes, one SO_REUSEPORT listener each
@@ -35,16 +37,16 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 build=${1:-build-bench}
 duration=${DURATION:-5s}
-loads=${LOADS:-"1x16 2x64"}
+loads=${LOADS-"1x16 2x64"}
 rounds=${ROUNDS:-3}
-uneven_connections=${UNEVEN_CONNECTIONS:-"16 32"}
-uneven_rates=${UNEVEN_RATES:-"200 400 600 800"}
+uneven_connections=${UNEVEN_CONNECTIONS-"16 32"}
+uneven_rates=${UNEVEN_RATES-"200 400 600 800"}
 uneven_duration=${UNEVEN_DURATION:-10}
 fixed_rate=${FIXED_RATE:-4000}
 # Each server's listeners in scenarios 1 and 1b, like for like: "plain" (no TCP_DEFER_ACCEPT
 # anywhere: serve --defer-accept 0) and "deferred" (TCP_DEFER_ACCEPT 1 s on every server, serve's
 # default with its built-in worker). Scenario 2 runs deferred.
-accepts=${ACCEPTS:-"plain deferred"}
+accepts=${ACCEPTS-"plain deferred"}
 defer_args() { if [ "$1" = deferred ]; then echo "--defer-accept 1"; else echo "--defer-accept 0"; fi; }
 
 command -v wrk >/dev/null || { echo "wrk is missing: scripts/deps.sh installs it" >&2; exit 1; }
