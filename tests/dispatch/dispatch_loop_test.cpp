@@ -36,6 +36,22 @@ void send_hello(Channel& raw, std::uint32_t index) {
   raw.send({.type = kHello, .payload = hello}, 5s);
 }
 
+// Joins a worker to `d` over a fresh channel pair; returns the worker's end, which has sent
+// its hello.
+Worker join_worker(Dispatcher& d, std::uint32_t index) {
+  auto [ours, theirs] = Channel::pair();
+  d.add_worker(std::move(ours), ::getpid(), index);
+  return Worker(std::move(theirs), index);
+}
+
+// The same with the worker's end left raw, after its hello: the test speaks the protocol.
+Channel join_raw_worker(Dispatcher& d, std::uint32_t index) {
+  auto [ours, raw] = Channel::pair();
+  d.add_worker(std::move(ours), ::getpid(), index);
+  send_hello(raw, index);
+  return std::move(raw);
+}
+
 // A custom policy that sends everything to worker 0 whenever it is a candidate (a stuck,
 // silent or misbehaving worker under test), to the first candidate otherwise.
 PickFunction prefer_worker_zero() {
@@ -312,12 +328,8 @@ TEST_F(DispatchLoop, S6_LeastLoadedTieGoesToTheWorkerWithFewerConnectionsInServi
   auto [listener, ep] = loopback_listener();
   Dispatcher d({.policy = Policy::least_loaded});
   d.add_listener("web", std::move(listener));
-  auto [ours0, theirs0] = Channel::pair();
-  auto [ours1, theirs1] = Channel::pair();
-  d.add_worker(std::move(ours0), ::getpid(), 0);
-  d.add_worker(std::move(ours1), ::getpid(), 1);
-  Worker busy(std::move(theirs0), 0);
-  Worker idle(std::move(theirs1), 1);
+  Worker busy = join_worker(d, 0);
+  Worker idle = join_worker(d, 1);
   busy.report_load(1);  // e.g. deep in a long request
   ASSERT_TRUE(pump(d, [&] {
     auto w = d.workers();
@@ -347,12 +359,8 @@ TEST_F(DispatchLoop, S6_LeastLoadedHoldsNewConnectionsWhileEveryWorkerIsBusy) {
     auto [listener, ep] = loopback_listener();
     Dispatcher d({.policy = Policy::least_loaded, .ack_timeout = 60s, .busy_after = busy_after});
     d.add_listener("web", std::move(listener));
-    auto [ours0, raw0] = Channel::pair();
-    auto [ours1, raw1] = Channel::pair();
-    d.add_worker(std::move(ours0), ::getpid(), 0);
-    d.add_worker(std::move(ours1), ::getpid(), 1);
-    send_hello(raw0, 0);
-    send_hello(raw1, 1);
+    Channel raw0 = join_raw_worker(d, 0);
+    Channel raw1 = join_raw_worker(d, 1);
     ASSERT_TRUE(pump(d, [&] {
       auto w = d.workers();
       return w.size() == 2 && w[0].ready && w[1].ready;
@@ -402,12 +410,8 @@ TEST_F(DispatchLoop, S6_WorkerThatReportsBusyGetsNothingNewUntilItReportsAgain) 
   auto [listener, ep] = loopback_listener();
   Dispatcher d({.policy = Policy::least_loaded, .ack_timeout = 60s});
   d.add_listener("web", std::move(listener));
-  auto [ours0, theirs0] = Channel::pair();
-  auto [ours1, theirs1] = Channel::pair();
-  d.add_worker(std::move(ours0), ::getpid(), 0);
-  d.add_worker(std::move(ours1), ::getpid(), 1);
-  Worker w0(std::move(theirs0), 0);
-  Worker w1(std::move(theirs1), 1);
+  Worker w0 = join_worker(d, 0);
+  Worker w1 = join_worker(d, 1);
   auto busy_is = [&](bool b0, bool b1) {
     auto v = d.workers();
     return v.size() == 2 && v[0].ready && v[1].ready && v[0].busy == b0 && v[1].busy == b1;
@@ -453,12 +457,8 @@ TEST_F(DispatchLoop, S6_WhileAWorkerIsBusyTheOthersGetOneConnectionAtATime) {
   auto [listener, ep] = loopback_listener();
   Dispatcher d({.policy = Policy::least_loaded, .ack_timeout = 60s});
   d.add_listener("web", std::move(listener));
-  auto [ours0, raw0] = Channel::pair();
-  auto [ours1, raw1] = Channel::pair();
-  d.add_worker(std::move(ours0), ::getpid(), 0);
-  d.add_worker(std::move(ours1), ::getpid(), 1);
-  send_hello(raw0, 0);
-  send_hello(raw1, 1);
+  Channel raw0 = join_raw_worker(d, 0);
+  Channel raw1 = join_raw_worker(d, 1);
   const std::uint32_t busy_bits = kLoadBusyBit;
   std::byte load[4];
   for (int i = 0; i < 4; ++i) load[i] = static_cast<std::byte>((busy_bits >> (8 * i)) & 0xFF);
@@ -490,12 +490,8 @@ TEST_F(DispatchLoop, S6_BusyReportsDoNotChangeRoundRobin) {
   auto [listener, ep] = loopback_listener();
   Dispatcher d({.policy = Policy::round_robin});
   d.add_listener("web", std::move(listener));
-  auto [ours0, theirs0] = Channel::pair();
-  auto [ours1, theirs1] = Channel::pair();
-  d.add_worker(std::move(ours0), ::getpid(), 0);
-  d.add_worker(std::move(ours1), ::getpid(), 1);
-  Worker w0(std::move(theirs0), 0);
-  Worker w1(std::move(theirs1), 1);
+  Worker w0 = join_worker(d, 0);
+  Worker w1 = join_worker(d, 1);
   w0.report_load(0, true);
   ASSERT_TRUE(pump(d, [&] { auto v = d.workers(); return v.size() == 2 && v[0].busy && v[1].ready; }));
   std::vector<Client> clients;
