@@ -571,7 +571,10 @@ void Serve::on_supervisor_event(std::uint32_t generation, const SupervisorEvent&
                 generation);
       break;
     case SupervisorEvent::Kind::exited:
-      if ((stopping_ || retired(generation)) && event.exit_status == 0) {
+      // A worker we asked to stop may end by the SIGTERM it got (128 + 15), as programs
+      // without a handler for it do: that is the expected end, not a failure.
+      if ((stopping_ || retired(generation)) &&
+          (event.exit_status == 0 || event.exit_status == 128 + SIGTERM)) {
         log::info(event_name(event.kind), "index={} pid={} generation={} status={}", event.index,
                   event.pid, generation, event.exit_status);
       } else {

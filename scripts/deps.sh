@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # Installs the Debian packages sockshare's build, tests, examples and benchmarks use, if any
-# is missing. Safe to run again; does nothing when everything is present.
+# is missing. Safe to run again; does nothing when everything is present. systemd brings the
+# real socket-activation tools (systemd-socket-activate, systemd-socket-proxyd) the CLI tests
+# run serve with and under.
 set -euo pipefail
 packages=(cmake make g++ pkg-config googletest libgtest-dev libbenchmark-dev libcli11-dev
-          libfmt-dev libasio-dev clang libclang-rt-14-dev python3 wrk curl)
+          libfmt-dev libasio-dev clang libclang-rt-14-dev python3 wrk curl
+          systemd)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

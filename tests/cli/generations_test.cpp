@@ -60,20 +60,15 @@ struct Reply {
   int error = 0;
 };
 
-Reply http_get(std::uint16_t port, const std::string& path = "/") {
+// One request on a new connection to `address` (a sockaddr_in or sockaddr_un).
+Reply http_request(int family, const sockaddr* address, socklen_t length, const std::string& path) {
   Reply reply;
-  Fd fd(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  Fd fd(::socket(family, SOCK_STREAM | SOCK_CLOEXEC, 0));
   if (!fd.valid()) {
     reply.error = errno;
     return reply;
   }
-  sockaddr_in sin{};
-  sin.sin_family = AF_INET;
-  sin.sin_port = htons(port);
-  ::inet_pton(AF_INET, "127.0.0.1", &sin.sin_addr);
-  if (sys::retry_eintr([&] {
-        return ::connect(fd.get(), reinterpret_cast<sockaddr*>(&sin), sizeof sin);
-      }) != 0) {
+  if (sys::retry_eintr([&] { return ::connect(fd.get(), address, length); }) != 0) {
     reply.error = errno;
     reply.outcome = errno == ECONNREFUSED ? Outcome::refused : Outcome::other_error;
     return reply;
@@ -116,6 +111,22 @@ Reply http_get(std::uint16_t port, const std::string& path = "/") {
   std::sscanf(reply.body.c_str(), "worker %d pid %d", &index, &reply.pid);
   reply.outcome = reply.status == 200 ? Outcome::ok : Outcome::bad_status;
   return reply;
+}
+
+Reply http_get(std::uint16_t port, const std::string& path = "/") {
+  sockaddr_in sin{};
+  sin.sin_family = AF_INET;
+  sin.sin_port = htons(port);
+  ::inet_pton(AF_INET, "127.0.0.1", &sin.sin_addr);
+  return http_request(AF_INET, reinterpret_cast<sockaddr*>(&sin), sizeof sin, path);
+}
+
+Reply http_get_unix(const std::string& socket_path, const std::string& path = "/") {
+  sockaddr_un sun{};
+  sun.sun_family = AF_UNIX;
+  if (socket_path.size() >= sizeof sun.sun_path) return {};
+  std::memcpy(sun.sun_path, socket_path.data(), socket_path.size());
+  return http_request(AF_UNIX, reinterpret_cast<sockaddr*>(&sun), sizeof sun, path);
 }
 
 std::set<int> parse_pids(std::string_view list) {
@@ -547,6 +558,52 @@ TEST_F(Generations, ServeIsSocketActivatedAndSpeaksSdNotify) {
   serve.child.kill(SIGTERM);
   EXPECT_FALSE(notify.wait_for("STOPPING=1").empty()) << "no STOPPING=1 on NOTIFY_SOCKET";
   EXPECT_EQ(serve.child.wait_exit(20s), 0);
+}
+
+// The real systemd-socket-activate, as a user tries serve without writing units: it binds a
+// unix socket, waits for the first client, then execs serve with the socket as LISTEN_FDS
+// (LISTEN_PID = its own pid, kept across exec). The client that triggered the start waits in
+// the backlog meanwhile and must be served; so must the ones after, under the name given.
+TEST_F(Generations, RealSystemdSocketActivateStartsServeOnTheFirstClient) {
+  const std::string activate = "/usr/bin/systemd-socket-activate";
+  ASSERT_EQ(::access(activate.c_str(), X_OK), 0)
+      << activate << " is missing: scripts/deps.sh installs it (Debian package systemd)";
+  char dir_template[] = "/tmp/sockshare-gen-test-XXXXXX";
+  ASSERT_NE(::mkdtemp(dir_template), nullptr) << errno;
+  const std::string dir = dir_template;
+  const std::string path = dir + "/web.sock";
+  const std::string control = "unix:@sockshare-gen-test-ssa-" + std::to_string(::getpid());
+  NotifySocket notify;
+  // The tool closes every descriptor but its listeners before exec, the harness's readiness
+  // pipe included: its stderr goes there instead, and carries "Listening on ..." (and, after
+  // the exec, serve's log lines: a few per event, far below a pipe's capacity).
+  Serve serve;
+  serve.child = Child::program({"/bin/sh", "-c", "exec \"$0\" \"$@\" 2>&3", activate, "--listen",
+                                path, "--fdname=web", "--setenv=NOTIFY_SOCKET=" + notify.name,
+                                kCli, "serve", "--workers", "2", "--control", control});
+  std::string line;
+  for (int i = 0; i < 8 && !line.starts_with("Listening on"); ++i) line = serve.child.wait_ready(20s);
+  ASSERT_TRUE(line.starts_with("Listening on")) << line;
+
+  const Reply first = http_get_unix(path);
+  ASSERT_EQ(first.outcome, Outcome::ok) << "the client that started serve was not served";
+  EXPECT_FALSE(notify.wait_for("READY=1").empty()) << "no READY=1 on NOTIFY_SOCKET";
+  std::set<int> pids = {first.pid};
+  for (int i = 0; i < 8; ++i) {
+    const Reply r = http_get_unix(path);
+    ASSERT_EQ(r.outcome, Outcome::ok) << "request " << i;
+    pids.insert(r.pid);
+  }
+  EXPECT_EQ(pids.size(), 2U) << "least-loaded spreads idle connections over both workers";
+  const std::string status = status_report(control);
+  EXPECT_NE(status.find("listener web"), std::string::npos) << status;
+  EXPECT_NE(status.find(path), std::string::npos) << status;
+
+  serve.child.kill(SIGTERM);
+  EXPECT_FALSE(notify.wait_for("STOPPING=1").empty()) << "no STOPPING=1 on NOTIFY_SOCKET";
+  EXPECT_EQ(serve.child.wait_exit(20s), 0);
+  ::unlink(path.c_str());
+  ::rmdir(dir.c_str());
 }
 
 // sd-daemon ignores descriptors whose LISTEN_PID names another process without a word; serve

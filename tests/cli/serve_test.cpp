@@ -676,6 +676,134 @@ TEST_F(Cli, S6_ExternalPythonWorkerInInheritMode) {
   EXPECT_EQ(s.child.wait_exit(20s), 0);
 }
 
+// ---- programs and clients nobody here wrote -------------------------------------------------
+
+std::string installed(std::initializer_list<const char*> candidates) {
+  for (const char* candidate : candidates) {
+    if (::access(candidate, X_OK) == 0) return candidate;
+  }
+  return {};
+}
+
+std::size_t count_of(std::string_view text, std::string_view what) {
+  std::size_t n = 0;
+  for (auto at = text.find(what); at != std::string_view::npos; at = text.find(what, at + 1)) ++n;
+  return n;
+}
+
+// systemd-socket-proxyd knows nothing but socket activation: it takes its listeners with
+// sd_listen_fds(), which ignores them unless LISTEN_PID is its own pid, and exits at once
+// without any. As inherit-mode workers it runs unchanged and relays every request to a
+// backend serve; no worker may have exited.
+TEST_F(Cli, S6_SystemdSocketProxydRunsUnchangedAsInheritModeWorkers) {
+  const std::string proxyd = installed(
+      {"/usr/lib/systemd/systemd-socket-proxyd", "/lib/systemd/systemd-socket-proxyd"});
+  ASSERT_FALSE(proxyd.empty())
+      << "systemd-socket-proxyd is missing: scripts/deps.sh installs it (Debian package systemd)";
+  Server backend = Server::start({"--listen", "127.0.0.1:0", "--workers", "1"});
+  ASSERT_NE(backend.port, 0);
+  const auto direct = who(http_get(backend.port));
+  ASSERT_TRUE(direct);
+  const std::string target = "127.0.0.1:" + std::to_string(backend.port);
+  for (const bool reuseport : {false, true}) {
+    SCOPED_TRACE(reuseport ? "one SO_REUSEPORT listener per worker" : "one shared listener");
+    std::vector<std::string> args = {"--listen", "127.0.0.1:0", "--workers", "2", "--mode",
+                                     "inherit"};
+    if (reuseport) args.emplace_back("--reuseport");
+    args.insert(args.end(), {"--", proxyd, target});
+    Server front = Server::start(args);
+    ASSERT_NE(front.port, 0);
+    for (int i = 0; i < 20; ++i) {
+      const auto relayed = who(http_get(front.port));
+      ASSERT_TRUE(relayed) << "request " << i;
+      EXPECT_EQ(relayed->pid, direct->pid);
+    }
+    const std::string status = front.status();
+    EXPECT_EQ(count_of(status, "running    starts 1 exits 0"), 2U) << status;
+    front.child.kill(SIGTERM);
+    EXPECT_EQ(front.child.wait_exit(20s), 0);
+  }
+}
+
+// curl reuses one keep-alive connection for two URLs (so both reach the same worker), and
+// sends HEAD and HTTP/1.0; Python's http.client keeps its connection across requests and
+// sees the close it asked for.
+TEST_F(Cli, RealHttpClientsCurlAndPythonHttpClient) {
+  Server s = Server::start({"--listen", "127.0.0.1:0", "--workers", "2"});
+  ASSERT_NE(s.port, 0);
+  const std::string base = "http://127.0.0.1:" + std::to_string(s.port);
+  const std::string curl = "/usr/bin/curl";
+  ASSERT_EQ(::access(curl.c_str(), X_OK), 0) << "curl is missing: scripts/deps.sh installs it";
+
+  Captured reuse = run_capture({curl, "-sS", "--max-time", "10", "-w", "%{http_code} %{num_connects}\n",
+                                base + "/a", base + "/b"});
+  ASSERT_EQ(reuse.status, 0) << reuse.out;
+  std::vector<std::string> lines;
+  for (std::string_view rest = reuse.out; !rest.empty();) {
+    const auto end = rest.find('\n');
+    lines.emplace_back(rest.substr(0, end));
+    rest.remove_prefix(end == std::string_view::npos ? rest.size() : end + 1);
+  }
+  ASSERT_EQ(lines.size(), 4U) << reuse.out;
+  EXPECT_TRUE(lines[0].starts_with("worker ")) << reuse.out;
+  EXPECT_EQ(lines[1], "200 1") << reuse.out;
+  EXPECT_EQ(lines[2], lines[0]) << "the second URL went over another connection";
+  EXPECT_EQ(lines[3], "200 0") << "curl opened a new connection for the second URL";
+
+  Captured head = run_capture({curl, "-sS", "--max-time", "10", "-I", base + "/"});
+  EXPECT_EQ(head.status, 0) << head.out;
+  EXPECT_TRUE(head.out.starts_with("HTTP/1.1 200")) << head.out;
+  Captured old = run_capture({curl, "-sS", "--max-time", "10", "--http1.0", "-i", base + "/"});
+  EXPECT_EQ(old.status, 0) << old.out;
+  EXPECT_NE(old.out.find("Connection: close"), std::string::npos) << old.out;
+  EXPECT_NE(old.out.find("\r\n\r\nworker "), std::string::npos) << old.out;
+
+  const std::string script = R"(
+import http.client, sys
+connection = http.client.HTTPConnection("127.0.0.1", int(sys.argv[1]), timeout=10)
+bodies = []
+for path in ("/one", "/two", "/three"):
+    connection.request("GET", path)
+    response = connection.getresponse()
+    bodies.append(response.read().decode())
+    assert response.status == 200 and not response.will_close, (response.status, path)
+connection.request("GET", "/last", headers={"Connection": "close"})
+response = connection.getresponse()
+bodies.append(response.read().decode())
+assert response.status == 200 and response.will_close
+print(len(set(bodies)), bodies[0].split(" pid")[0])
+)";
+  Captured python = run_capture({python3(), "-c", script, std::to_string(s.port)});
+  EXPECT_EQ(python.status, 0) << python.out;
+  EXPECT_TRUE(python.out.starts_with("1 worker ")) << "one connection, one worker: " << python.out;
+}
+
+// wrk, the load generator of bench/serve_bench.sh, for a second per mode, with keep-alive
+// and with a new connection per request: every response complete and 2xx.
+TEST_F(Cli, WrkLoadGeneratorSeesNoErrors) {
+  const std::string wrk = "/usr/bin/wrk";
+  ASSERT_EQ(::access(wrk.c_str(), X_OK), 0) << "wrk is missing: scripts/deps.sh installs it";
+  for (const char* mode : {"dispatch", "inherit"}) {
+    Server s = Server::start({"--listen", "127.0.0.1:0", "--workers", "2", "--mode", mode});
+    ASSERT_NE(s.port, 0);
+    for (const bool close : {false, true}) {
+      SCOPED_TRACE(std::string(mode) + (close ? ", Connection: close" : ", keep-alive"));
+      std::vector<std::string> argv = {wrk, "-t1", "-c8", "-d1s"};
+      if (close) argv.insert(argv.end(), {"-H", "Connection: close"});
+      argv.push_back("http://127.0.0.1:" + std::to_string(s.port) + "/");
+      Captured r = run_capture(argv, 30s);
+      EXPECT_EQ(r.status, 0) << r.out;
+      EXPECT_EQ(r.out.find("Socket errors"), std::string::npos) << r.out;
+      EXPECT_EQ(r.out.find("Non-2xx"), std::string::npos) << r.out;
+      unsigned long requests = 0;
+      const auto at = r.out.find(" requests in ");
+      ASSERT_NE(at, std::string::npos) << r.out;
+      requests = std::stoul(r.out.substr(r.out.rfind('\n', at) + 1));
+      EXPECT_GE(requests, 100U) << r.out;
+    }
+  }
+}
+
 TEST_F(Cli, R21_BuiltInWorkerAtEmfileShedsAndRecovers) {
   // A worker at its descriptor limit must not spin on a listener that stays readable, nor
   // leave the clients it cannot take hanging: it accepts and closes them, and serves again
