@@ -5,8 +5,9 @@
 #   bench/serve_bench.sh [BUILD_DIR]        (default: build-bench, a Release build)
 #   env: LOADS="1x16 2x64" DURATION=5s ROUNDS=3 FIXED_RATE=4000 ACCEPTS="plain deferred"
 #        UNEVEN_RATES="200 400 600 800" UNEVEN_DURATION=10 UNEVEN_CONNECTIONS="16 32"
-#   (set to empty, LOADS, ACCEPTS, UNEVEN_RATES or UNEVEN_CONNECTIONS skip what they list:
-#   LOADS= ACCEPTS= runs only scenario 2)
+#        NODE_LOADS="2x64"
+#   (set to empty, LOADS, ACCEPTS, UNEVEN_RATES, UNEVEN_CONNECTIONS or NODE_LOADS skip what
+#   they list: LOADS= ACCEPTS= NODE_LOADS= runs only scenario 2)
 #
 # Scenario 1, uniform tiny requests (wrk, closed loop): connections/s, p50, p99 of
 #   reuseport  bench/baseline_reuseport       2 processes, one SO_REUSEPORT listener each
@@ -32,6 +33,10 @@
 #      burning ones, measured from the time each request was due;
 #   2b closed loop (wrk -s bench/burn.lua, 5% drawn at random burn) at each connection count
 #      of UNEVEN_CONNECTIONS: wrk's own latency percentiles.
+# Scenario 3, Node.js (skipped without node): one HTTP handler in 2 Node processes spread by
+# Node's cluster module (bench/baseline_node_cluster.js: round robin through the primary, its
+# default, and SCHED_NONE) against the same handler run unchanged as `serve --mode inherit`
+# workers (examples/node/inherit_worker.js, socket activation), at each load of NODE_LOADS.
 # Every process started here is stopped on exit (trap), whatever happens.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -43,6 +48,7 @@ uneven_connections=${UNEVEN_CONNECTIONS-"16 32"}
 uneven_rates=${UNEVEN_RATES-"200 400 600 800"}
 uneven_duration=${UNEVEN_DURATION:-10}
 fixed_rate=${FIXED_RATE:-4000}
+node_loads=${NODE_LOADS-"2x64"}
 # Each server's listeners in scenarios 1 and 1b, like for like: "plain" (no TCP_DEFER_ACCEPT
 # anywhere: serve --defer-accept 0) and "deferred" (TCP_DEFER_ACCEPT 1 s on every server, serve's
 # default with its built-in worker). Scenario 2 runs deferred.
@@ -81,7 +87,8 @@ start() {
   mkfifo "$fifo"
   exec {fd}<>"$fifo"
   if [ "$kind" = serve ]; then
-    "$@" --ready-fd 3 3>"$fifo" 2>>"$tmp/$name.log" &
+    # CLI serve --ready-fd 3 OPTIONS...: before any "-- COMMAND"
+    "$1" "$2" --ready-fd 3 "${@:3}" 3>"$fifo" 2>>"$tmp/$name.log" &
   else
     "$@" >"$fifo" 2>>"$tmp/$name.log" &
   fi
@@ -174,11 +181,31 @@ round_ratios() {  # A B: the per-round ratios of A's conn/s to B's, sorted
   done | sort -g
 }
 median_ratio() { round_ratios "$1" "$2" | awk -v n="$rounds" 'NR == int((n + 1) / 2)'; }
-report_ratio() {  # A B TARGET LABEL
+report_ratio() {  # A B TARGET|- LABEL
   local m
   m=$(median_ratio "$1" "$2")
-  printf '%-22s = %s   per round: %s  target >= %s  %s\n' "$4" "$m" \
+  if [ "$3" = - ]; then  # for information, no target
+    printf '%-32s = %s   per round: %s\n' "$4" "$m" "$(round_ratios "$1" "$2" | tr '\n' ' ')"
+    return
+  fi
+  printf '%-32s = %s   per round: %s  target >= %s  %s\n' "$4" "$m" \
     "$(round_ratios "$1" "$2" | tr '\n' ' ')" "$3" "$(verdict "$m" "$3")"
+}
+
+# print_table CONFIG...: the median round of each configuration, with every round's conn/s
+print_table() {
+  local config rps p50 p90 p99 reqs cpu_d cpu_w all us_d us_w
+  printf '%-17s %10s %8s %8s %8s %12s %12s  %s\n' config "conn/s" "p50 us" "p90 us" "p99 us" \
+    "accepter us" "workers us" "all rounds (conn/s)"
+  for config in "$@"; do
+    read -r rps p50 p90 p99 reqs cpu_d cpu_w <<<"$(median "$config")"
+    all=$(for round in $(seq 1 "$rounds"); do echo "${results[$config,$round]}" | awk '{printf "%s ", $1}'; done)
+    # CPU per connection: of the process wrk connects to (the dispatcher; for reuseport and
+    # inherit the supervisor or parent, which does no per-connection work) and of its workers.
+    read -r us_d us_w <<<"$(awk -v d="$cpu_d" -v w="$cpu_w" -v t="$ticks" -v r="$reqs" \
+      'BEGIN { printf "%.2f %.2f", d / t * 1e6 / r, w / t * 1e6 / r }')"
+    printf '%-17s %10s %8s %8s %8s %12s %12s  %s\n' "$config" "$rps" "$p50" "$p90" "$p99" "$us_d" "$us_w" "$all"
+  done
 }
 
 for accept in $accepts; do
@@ -205,24 +232,14 @@ for load in $loads; do
 
   echo "Scenario 1, $accept accept: uniform tiny requests, new connection per request;" \
        "wrk -t$threads -c$connections -d$duration --latency -H 'Connection: close', $rounds rounds"
-  printf '%-11s %10s %8s %8s %8s %12s %12s  %s\n' config "conn/s" "p50 us" "p90 us" "p99 us" \
-    "accepter us" "workers us" "all rounds (conn/s)"
-  for config in reuseport inherit inherit-rp naive dispatch dispatch-rr; do
-    read -r rps p50 p90 p99 reqs cpu_d cpu_w <<<"$(median "$config")"
-    all=$(for round in $(seq 1 "$rounds"); do echo "${results[$config,$round]}" | awk '{printf "%s ", $1}'; done)
-    # CPU per connection: of the process wrk connects to (the dispatcher; for reuseport and
-    # inherit the supervisor or parent, which does no per-connection work) and of its workers.
-    read -r us_d us_w <<<"$(awk -v d="$cpu_d" -v w="$cpu_w" -v t="$ticks" -v r="$reqs" \
-      'BEGIN { printf "%.2f %.2f", d / t * 1e6 / r, w / t * 1e6 / r }')"
-    printf '%-11s %10s %8s %8s %8s %12s %12s  %s\n' "$config" "$rps" "$p50" "$p90" "$p99" "$us_d" "$us_w" "$all"
-  done
+  print_table reuseport inherit inherit-rp naive dispatch dispatch-rr
   echo
   report_ratio inherit reuseport 0.97 "inherit  / reuseport"
-  report_ratio inherit-rp reuseport 0 "inherit-rp / reuseport"
+  report_ratio inherit-rp reuseport - "inherit-rp / reuseport"
   report_ratio dispatch reuseport 0.90 "dispatch / reuseport"
   report_ratio dispatch naive 0.97 "dispatch / naive"
-  report_ratio naive reuseport 0 "naive    / reuseport"
-  report_ratio dispatch-rr naive 0 "dispatch-rr / naive"
+  report_ratio naive reuseport - "naive    / reuseport"
+  report_ratio dispatch-rr naive - "dispatch-rr / naive"
   echo
 done
 done
@@ -318,4 +335,37 @@ for conns in $uneven_connections; do
   echo "       dispatch+least / reuseport: p99 $r_all (target <= 0.50: $(awk -v r="$r_all" 'BEGIN { print (r <= 0.5 ? "met" : "NOT met") }'))"
 done
 echo
+# Scenario 3, Node.js: the same HTTP handler (examples/node/inherit_worker.js) in 2 processes,
+# spread by Node's cluster module (its default round robin through the primary, and
+# SCHED_NONE, a listener shared by the workers) or run unchanged as `serve --mode inherit`
+# workers by socket activation (one shared listener; --reuseport). Plain accept everywhere.
+if [ -n "$node_loads" ] && command -v node >/dev/null; then
+  for load in $node_loads; do
+    threads=${load%x*}
+    connections=${load#*x}
+    wrk_args=(-t"$threads" -c"$connections")
+    results=()
+    for round in $(seq 1 "$rounds"); do
+      start node-cluster baseline node bench/baseline_node_cluster.js --listen 127.0.0.1:0 --workers 2
+      measure node-cluster "$round" "${wrk_args[@]}"
+      start node-cluster-none baseline node bench/baseline_node_cluster.js --listen 127.0.0.1:0 --workers 2 --sched none
+      measure node-cluster-none "$round" "${wrk_args[@]}"
+      start node-inherit serve "$cli" serve --listen 127.0.0.1:0 --workers 2 --mode inherit -- node examples/node/inherit_worker.js
+      measure node-inherit "$round" "${wrk_args[@]}"
+      start node-inherit-rp serve "$cli" serve --listen 127.0.0.1:0 --workers 2 --mode inherit --reuseport -- node examples/node/inherit_worker.js
+      measure node-inherit-rp "$round" "${wrk_args[@]}"
+    done
+    echo "Scenario 3, Node.js workers: new connection per request;" \
+         "wrk -t$threads -c$connections -d$duration --latency -H 'Connection: close', $rounds rounds"
+    print_table node-cluster node-cluster-none node-inherit node-inherit-rp
+    echo
+    report_ratio node-inherit node-cluster - "node-inherit / node-cluster"
+    report_ratio node-inherit-rp node-cluster - "node-inherit-rp / node-cluster"
+    report_ratio node-inherit node-cluster-none - "node-inherit / node-cluster-none"
+    echo
+  done
+elif [ -n "$node_loads" ]; then
+  echo "Scenario 3 skipped: node is not installed (scripts/deps.sh installs it)"
+  echo
+fi
 echo "load average after: $(cut -d' ' -f1-3 /proc/loadavg)"
