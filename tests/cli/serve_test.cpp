@@ -855,6 +855,30 @@ TEST_F(Cli, WrkLoadGeneratorSeesNoErrors) {
   }
 }
 
+// ApacheBench speaks HTTP/1.0: without -k a connection per request, with -k keep-alive by
+// "Connection: Keep-Alive", which an HTTP/1.0 server must echo to keep the connection open.
+TEST_F(Cli, AbHttp10WithAndWithoutKeepAliveSeesNoErrors) {
+  const std::string ab = "/usr/bin/ab";
+  ASSERT_EQ(::access(ab.c_str(), X_OK), 0)
+      << "ab is missing: scripts/deps.sh installs it (Debian package apache2-utils)";
+  Server s = Server::start({"--listen", "127.0.0.1:0", "--workers", "2"});
+  ASSERT_NE(s.port, 0);
+  for (const bool keep_alive : {false, true}) {
+    SCOPED_TRACE(keep_alive ? "ab -k" : "ab");
+    std::vector<std::string> argv = {ab, "-q", "-n", "2000", "-c", "8", "-s", "10"};
+    if (keep_alive) argv.emplace_back("-k");
+    argv.push_back("http://127.0.0.1:" + std::to_string(s.port) + "/");
+    Captured r = run_capture(argv, 60s);
+    EXPECT_EQ(r.status, 0) << r.out;
+    EXPECT_NE(r.out.find("Complete requests:      2000"), std::string::npos) << r.out;
+    EXPECT_NE(r.out.find("Failed requests:        0"), std::string::npos) << r.out;
+    EXPECT_EQ(r.out.find("Non-2xx"), std::string::npos) << r.out;
+    if (keep_alive) {
+      EXPECT_NE(r.out.find("Keep-Alive requests:    2000"), std::string::npos) << r.out;
+    }
+  }
+}
+
 TEST_F(Cli, R21_BuiltInWorkerAtEmfileShedsAndRecovers) {
   // A worker at its descriptor limit must not spin on a listener that stays readable, nor
   // leave the clients it cannot take hanging: it accepts and closes them, and serves again
