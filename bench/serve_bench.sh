@@ -200,8 +200,9 @@ print_table() {
   for config in "$@"; do
     read -r rps p50 p90 p99 reqs cpu_d cpu_w <<<"$(median "$config")"
     all=$(for round in $(seq 1 "$rounds"); do echo "${results[$config,$round]}" | awk '{printf "%s ", $1}'; done)
-    # CPU per connection: of the process wrk connects to (the dispatcher; for reuseport and
-    # inherit the supervisor or parent, which does no per-connection work) and of its workers.
+    # CPU per connection: of the process wrk connects to (the dispatcher, or Node's cluster
+    # primary in round robin; for reuseport and inherit the supervisor or parent, which does
+    # no per-connection work) and of its workers.
     read -r us_d us_w <<<"$(awk -v d="$cpu_d" -v w="$cpu_w" -v t="$ticks" -v r="$reqs" \
       'BEGIN { printf "%.2f %.2f", d / t * 1e6 / r, w / t * 1e6 / r }')"
     printf '%-17s %10s %8s %8s %8s %12s %12s  %s\n' "$config" "$rps" "$p50" "$p90" "$p99" "$us_d" "$us_w" "$all"

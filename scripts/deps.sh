@@ -3,7 +3,7 @@
 # is missing. Safe to run again; does nothing when everything is present. systemd brings the
 # real socket-activation tools (systemd-socket-activate, systemd-socket-proxyd) the CLI tests
 # run serve with and under; nodejs runs examples/node/inherit_worker.js in them; wrk, ab
-# (apache2-utils) and curl are the HTTP clients they load it with.
+# (apache2-utils) and curl are HTTP clients the tests send to the built-in worker.
 set -euo pipefail
 packages=(cmake make g++ pkg-config googletest libgtest-dev libbenchmark-dev libcli11-dev
           libfmt-dev libasio-dev clang libclang-rt-14-dev python3 wrk curl

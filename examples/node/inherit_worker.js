@@ -11,7 +11,8 @@
 // The same file runs under systemd (a .socket unit) or systemd-socket-activate.
 //
 // Every answer says who served it: "node worker <index> pid <pid> listener <name>".
-// SIGTERM stops accepting, lets the requests in progress finish and exits 0.
+// SIGTERM stops accepting, closes idle connections, answers the requests in progress with
+// "Connection: close" and exits 0 once they are done.
 'use strict';
 
 const http = require('node:http');
@@ -36,11 +37,16 @@ function takeListeners() {
   }));
 }
 
+// Set by SIGTERM: answers close their connection from then on. server.close() only stops
+// accepting; a keep-alive client would otherwise keep its connection, and this process, alive.
+let stopping = false;
+
 // The request handler, also used by bench/baseline_node_cluster.js so both answer alike.
 function answerWith(body) {
   return (request, response) => {
     request.resume();
     request.on('end', () => {
+      if (stopping) response.shouldKeepAlive = false;
       response.writeHead(200, { 'Content-Type': 'text/plain', 'Content-Length': Buffer.byteLength(body) });
       response.end(body);
     });
@@ -64,6 +70,8 @@ function main() {
     return server;
   });
   process.on('SIGTERM', () => {
+    stopping = true;
+    console.error(`inherit_worker: SIGTERM: accepting no more, finishing the requests in progress`);
     let open = servers.length;
     for (const server of servers) {
       server.close(() => {
