@@ -1027,8 +1027,9 @@ std::string Serve::render_text() const {
   if (dispatch_mode_) {
     const dispatch::Stats s = dispatcher_->stats();
     out += fmt::format(
-        "connections  accepted {}  dispatched {}  acknowledged {}  redispatched {}  dropped {}\n",
-        s.accepted, s.dispatched, s.acknowledged, s.redispatched, s.dropped);
+        "connections  accepted {}  dispatched {}  acknowledged {}  redispatched {}  dropped {}  "
+        "abandoned {}\n",
+        s.accepted, s.dispatched, s.acknowledged, s.redispatched, s.dropped, s.abandoned);
     out += fmt::format("now          in-flight {}  pending {}  workers {}  joined {}  lost {}\n",
                        s.in_flight, s.pending, s.workers, s.workers_joined, s.workers_lost);
     out += fmt::format(

@@ -123,6 +123,9 @@ std::string Stats::prometheus() const {
           "Unacknowledged connections returned by a lost worker and sent again.", redispatched);
   counter("sockshare_connections_dropped_total",
           "Accepted connections closed without reaching a worker.", dropped);
+  counter("sockshare_connections_abandoned_total",
+          "Of the dropped, connections closed after max_attempts workers were lost holding them.",
+          abandoned);
   counter("sockshare_accept_errors_total", "accept() failures other than EAGAIN.", accept_errors);
   counter("sockshare_accept_emfile_total",
           "accept() failures at the descriptor limit (EMFILE/ENFILE).", emfile_events);

@@ -98,6 +98,7 @@ struct Conn {
   std::uint64_t seq = 0;  // of the kConnections message that carried it
   Clock::time_point sent;
   bool sent_before = false;  // a resend counts as redispatched
+  std::uint32_t lost_with = 0;  // workers cut off while holding it unacknowledged
 };
 
 struct Listener {
@@ -144,7 +145,7 @@ struct Watch {
 
 struct Counters {
   std::atomic<std::uint64_t> accepted{0}, dispatched{0}, acknowledged{0}, redispatched{0},
-      dropped{0}, accept_errors{0}, emfile_events{0}, backpressure_pauses{0},
+      dropped{0}, abandoned{0}, accept_errors{0}, emfile_events{0}, backpressure_pauses{0},
       worker_protocol_errors{0}, workers_joined{0}, workers_lost{0}, rejected_batches{0},
       peek_timeouts{0};
   std::atomic<std::uint32_t> workers{0}, in_flight{0}, pending{0};
@@ -194,9 +195,9 @@ struct Dispatcher::Impl {
     if (opt.policy == Policy::custom && !opt.custom_pick) {
       throw Error(ErrorKind::invalid_input, 0, "Dispatcher", "Policy::custom needs custom_pick");
     }
-    if (opt.max_in_flight == 0 || opt.accept_batch == 0) {
+    if (opt.max_in_flight == 0 || opt.accept_batch == 0 || opt.max_attempts == 0) {
       throw Error(ErrorKind::invalid_input, 0, "Dispatcher",
-                  "max_in_flight and accept_batch must be at least 1");
+                  "max_in_flight, accept_batch and max_attempts must be at least 1");
     }
     if (opt.peek_bytes > kMaxPeekBytes) {
       throw Error(ErrorKind::invalid_input, 0, "Dispatcher",
@@ -665,12 +666,22 @@ struct Dispatcher::Impl {
     // In send order, so the oldest clients are served first.
     std::vector<Conn> back;
     back.reserve(w.in_flight.size() + w.outbox.size());
+    std::uint64_t abandoned = 0;
     for (auto& [sent, cid] : w.sent_order) {
       auto it = w.in_flight.find(cid);
-      if (it != w.in_flight.end()) {
+      if (it == w.in_flight.end()) continue;
+      if (++it->second.lost_with >= opt.max_attempts) {
+        ++abandoned;  // erasing closes our copy: the client sees the connection end
+      } else {
         back.push_back(std::move(it->second));
-        w.in_flight.erase(it);
       }
+      w.in_flight.erase(it);
+    }
+    if (abandoned > 0) {
+      bump(counters.dropped, abandoned);
+      bump(counters.abandoned, abandoned);
+      log(std::to_string(abandoned) + " connection(s) closed: " + std::to_string(opt.max_attempts) +
+          " worker(s) were lost holding each (max_attempts)");
     }
     for (auto& c : w.outbox) back.push_back(std::move(c));
     std::unique_ptr<WorkerState> owned;
@@ -1143,6 +1154,7 @@ Stats Dispatcher::stats() const {
   s.acknowledged = r(c.acknowledged);
   s.redispatched = r(c.redispatched);
   s.dropped = r(c.dropped);
+  s.abandoned = r(c.abandoned);
   s.accept_errors = r(c.accept_errors);
   s.emfile_events = r(c.emfile_events);
   s.backpressure_pauses = r(c.backpressure_pauses);

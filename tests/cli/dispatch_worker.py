@@ -65,7 +65,8 @@ def main():
     channel.send(HELLO, struct.pack("<II", index, os.getpid()))
     while True:
         try:
-            message = channel.receive()
+            # Connections from a unix listener are unix sockets themselves.
+            message = channel.receive(allow_unix_sockets=True)
         except PeerGone:
             return 0
         if message.type == CONNECTIONS:

@@ -677,6 +677,51 @@ TEST_F(Cli, S6_ExternalPythonWorkerInInheritMode) {
   EXPECT_EQ(s.child.wait_exit(20s), 0);
 }
 
+// The command line: IPv4, IPv6 and unix listeners side by side, reached with curl. In
+// dispatch mode every connection reaches the worker with the name of the listener it came
+// through and its peer's address; in inherit mode the built-in worker accepts on all three.
+TEST_F(Cli, S6_Ipv4Ipv6AndUnixListenersSideBySideInBothModes) {
+  const std::string curl = "/usr/bin/curl";
+  ASSERT_EQ(::access(curl.c_str(), X_OK), 0) << "curl is missing: scripts/deps.sh installs it";
+  const std::string path = "/tmp/sockshare-cli-test-three-" + std::to_string(::getpid()) + ".sock";
+  const std::vector<std::string> listeners = {"--listen", "web=127.0.0.1:0", "--listen", "v6=[::1]:0",
+                                              "--listen", "local=unix:" + path, "--workers", "2"};
+  auto get = [&](Server& s, const std::string& name) {
+    const std::string& endpoint = s.listening[name];
+    std::vector<std::string> argv = {curl, "-sS", "--max-time", "10"};
+    if (name == "local") {
+      argv.insert(argv.end(), {"--unix-socket", path, "http://localhost/"});
+    } else {
+      argv.insert(argv.end(), {"-g", "http://" + endpoint + "/"});
+    }
+    return run_capture(argv);
+  };
+  {
+    std::vector<std::string> args = listeners;
+    args.insert(args.end(), {"--", python3(), kSourceDir + "/tests/cli/dispatch_worker.py"});
+    Server s = Server::start(args);
+    ASSERT_EQ(s.listening.size(), 3U);
+    EXPECT_TRUE(s.listening["v6"].starts_with("[::1]:")) << s.listening["v6"];
+    const Captured v4 = get(s, "web");
+    EXPECT_NE(v4.out.find(" listener web peer 127.0.0.1:"), std::string::npos) << v4.out;
+    const Captured v6 = get(s, "v6");
+    EXPECT_NE(v6.out.find(" listener v6 peer [::1]:"), std::string::npos) << v6.out;
+    const Captured local = get(s, "local");
+    EXPECT_NE(local.out.find(" listener local peer unix"), std::string::npos) << local.out;
+  }
+  {
+    std::vector<std::string> args = listeners;
+    args.insert(args.end(), {"--mode", "inherit"});
+    Server s = Server::start(args);
+    ASSERT_EQ(s.listening.size(), 3U);
+    for (const char* name : {"web", "v6", "local"}) {
+      const Captured r = get(s, name);
+      EXPECT_EQ(r.status, 0) << name << ": " << r.out;
+      EXPECT_TRUE(r.out.starts_with("worker ")) << name << ": " << r.out;
+    }
+  }
+}
+
 // ---- programs and clients nobody here wrote -------------------------------------------------
 
 std::string installed(std::initializer_list<const char*> candidates) {

@@ -122,7 +122,7 @@ TEST(DispatchStats, S6_PrometheusTextFormat) {
   // Every sample line belongs to a metric announced by TYPE.
   std::size_t types = 0;
   for (std::size_t at = text.find("# TYPE"); at != std::string::npos; at = text.find("# TYPE", at + 1)) ++types;
-  EXPECT_EQ(types, 17u);
+  EXPECT_EQ(types, 18u);
 }
 
 }  // namespace

@@ -571,6 +571,46 @@ TEST_F(DispatchLoop, R12_WithNoWorkerLeftConnectionsWaitForTheNextOne) {
   test::expect_accounted(d);
 }
 
+// A connection that every worker dies of (here: each closes its channel on receipt, without
+// an ack) is passed on max_attempts - 1 times, then closed and counted abandoned; the next
+// worker to join never sees it, and the next connection is served as usual.
+TEST_F(DispatchLoop, R12_AConnectionLostWithMaxAttemptsWorkersIsClosedNotPassedOn) {
+  auto [listener, ep] = loopback_listener();
+  Dispatcher d({.max_attempts = 2});
+  d.add_listener("web", std::move(listener));
+  Channel first = join_raw_worker(d, 0);
+  Channel second = join_raw_worker(d, 1);
+  Client poison(ep, "x\n");
+  const ReceiveOptions take{.expect = Expect::anything, .allow_unix_sockets = true};
+  Message m;
+  // Whichever worker gets it dies; then the other one gets it and dies too.
+  for (int death = 0; death < 2; ++death) {
+    Channel* got = nullptr;
+    ASSERT_TRUE(pump(d, [&] {
+      if (first.valid() && first.try_receive(m, take)) got = &first;
+      else if (second.valid() && second.try_receive(m, take)) got = &second;
+      return got != nullptr;
+    })) << "death " << death;
+    ASSERT_EQ(m.fds.size(), 1U);
+    m = Message{};         // its copy of the connection goes with it
+    { Channel gone = std::move(*got); }
+  }
+  ASSERT_TRUE(pump(d, [&] { return poison.advance() && poison.done(); }))
+      << "the connection was not closed after two lost workers";
+  Stats s = d.stats();
+  EXPECT_EQ(s.abandoned, 1U);
+  EXPECT_EQ(s.dropped, 1U);
+  EXPECT_EQ(s.redispatched, 1U);
+  EXPECT_EQ(s.workers_lost, 2U);
+
+  Worker next = join_worker(d, 2);
+  Client fine(ep, "y\n");
+  ASSERT_TRUE(pump(d, [&] { serve_all(next); return fine.advance(); }));
+  EXPECT_EQ(fine.field("w"), "2");
+  EXPECT_EQ(d.stats().abandoned, 1U);
+  test::expect_accounted(d);
+}
+
 TEST_F(DispatchLoop, R12_AckTimeoutCutsWorkerOffAndRedispatches) {
   auto [listener, ep] = loopback_listener();
   Dispatcher d({.policy = Policy::custom,
