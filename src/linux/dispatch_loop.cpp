@@ -658,10 +658,7 @@ struct Dispatcher::Impl {
   void cut(WorkerState& w, const std::string& why, Clock::time_point now, bool lost = true) {
     const WorkerId id = w.id;
     const pid_t pid = w.pid;
-    if (lost || !w.in_flight.empty()) {
-      log(describe(w) + " cut off: " + why + "; " + std::to_string(w.in_flight.size()) +
-          " unacknowledged connection(s) re-queued");
-    }
+    const bool held = !w.in_flight.empty();
     forget(w.channel.native_handle().get());
     // In send order, so the oldest clients are served first.
     std::vector<Conn> back;
@@ -677,11 +674,18 @@ struct Dispatcher::Impl {
       }
       w.in_flight.erase(it);
     }
+    if (lost || held) {
+      std::string line = describe(w) + " cut off: " + why + "; " + std::to_string(back.size()) +
+                         " unacknowledged connection(s) re-queued";
+      if (abandoned > 0) {
+        line += ", " + std::to_string(abandoned) + " closed (each was lost with " +
+                std::to_string(opt.max_attempts) + " workers: max_attempts)";
+      }
+      log(line);
+    }
     if (abandoned > 0) {
       bump(counters.dropped, abandoned);
       bump(counters.abandoned, abandoned);
-      log(std::to_string(abandoned) + " connection(s) closed: " + std::to_string(opt.max_attempts) +
-          " worker(s) were lost holding each (max_attempts)");
     }
     for (auto& c : w.outbox) back.push_back(std::move(c));
     std::unique_ptr<WorkerState> owned;

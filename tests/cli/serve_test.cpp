@@ -1060,6 +1060,36 @@ TEST_F(Cli, DeferredAcceptIsOffForAnExternalCommand) {
 
 // ---- failures and shutdown -----------------------------------------------------------------
 
+// A request that crashes whichever worker receives it: passed on to a second and a third
+// worker (R12), then closed (max_attempts), so the client gets an answer of sorts — end of
+// stream — instead of waiting while the workers take turns dying; status counts it.
+TEST_F(Cli, R12_AConnectionThatCrashesEveryWorkerIsAbandonedAfterThree) {
+  // A dispatch-mode worker that says hello and dies on its first connection, before the ack.
+  const std::string crash_on_receipt = R"(
+import os, socket, struct, sys
+sys.dont_write_bytecode = True
+sys.path.insert(0, sys.argv[1])
+from sockshare_channel import Channel
+sock = socket.socket(fileno=int(os.environ["SOCKSHARE_CHANNEL_FD"]))
+sock.setblocking(True)
+channel = Channel(sock)
+channel.send(0x8201, struct.pack("<II", int(os.environ["SOCKSHARE_WORKER_INDEX"]), os.getpid()))
+channel.receive(allow_unix_sockets=True)
+os._exit(3)
+)";
+  Server s = Server::start({"--listen", "127.0.0.1:0", "--workers", "2", "--", python3(), "-c",
+                            crash_on_receipt, kSourceDir + "/examples/python"});
+  ASSERT_NE(s.port, 0);
+  Fd client = connect_tcp(s.port);
+  ASSERT_TRUE(client.valid());
+  ASSERT_TRUE(send_all(client, "GET / HTTP/1.1\r\nHost: x\r\n\r\n"));
+  // Two workers die at once, the third after its restart backoff (100 ms): well within 20 s.
+  EXPECT_EQ(read_to_eof(client, 20s), "");
+  const std::string status = s.status();
+  EXPECT_NE(status.find("dropped 1  abandoned 1"), std::string::npos) << status;
+  EXPECT_NE(status.find("redispatched 2"), std::string::npos) << status;
+}
+
 TEST_F(Cli, R12_KilledWorkerUnderLoadIsRestartedAndRequestsKeepSucceeding) {
   Server s = Server::start({"--listen", "127.0.0.1:0", "--workers", "2"});
   ASSERT_NE(s.port, 0);
