@@ -148,10 +148,12 @@ struct DispatcherOptions {
   std::size_t peek_bytes = 0;
   std::chrono::milliseconds peek_timeout{1000};
   std::chrono::milliseconds ack_timeout{5000};  // a worker that does not ack in time is cut off
-  // Workers a connection may be lost with: each worker cut off while holding it unacknowledged
-  // (it died, broke its channel, missed the ack timeout) passes it on (R12) until this many
-  // were lost with it; then it is closed and counted abandoned. A connection that kills every
-  // worker it reaches (a request that crashes the server) cannot take them all down in turn.
+  // Workers a connection may be lost with. A worker cut off (it died, broke its channel,
+  // missed the ack timeout) passes its unacknowledged connections on (R12); those of its
+  // oldest unacknowledged batch, the only ones it can have been reading when it went (a
+  // worker acks what it read before serving it), get a strike. At max_attempts strikes a
+  // connection is closed and counted abandoned, so one that kills whichever worker reads it
+  // cannot take every worker down in turn. 0: no limit.
   std::uint32_t max_attempts = 3;
   // least_loaded: a worker that has left a connection unacknowledged this long is not reading
   // its channel (busy on a long request) and gets nothing more while it stays so. When every
@@ -176,7 +178,7 @@ struct Stats {
   std::uint64_t acknowledged = 0;
   std::uint64_t redispatched = 0;   // returned by a dead or broken worker, sent again
   std::uint64_t dropped = 0;        // closed without service (draining deadline, no worker)
-  std::uint64_t abandoned = 0;      // of those, closed after max_attempts workers were lost with it
+  std::uint64_t abandoned = 0;      // of those, closed after max_attempts workers were lost reading it
   std::uint64_t accept_errors = 0;
   std::uint64_t emfile_events = 0;  // R21
   std::uint64_t backpressure_pauses = 0;  // accepting paused because every worker was full

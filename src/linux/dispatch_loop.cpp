@@ -15,6 +15,7 @@
 #include <atomic>
 #include <cstring>
 #include <deque>
+#include <limits>
 #include <optional>
 #include <string>
 #include <unordered_map>
@@ -98,7 +99,7 @@ struct Conn {
   std::uint64_t seq = 0;  // of the kConnections message that carried it
   Clock::time_point sent;
   bool sent_before = false;  // a resend counts as redispatched
-  std::uint32_t lost_with = 0;  // workers cut off while holding it unacknowledged
+  std::uint32_t lost_with = 0;  // workers cut off while it was in their oldest unacked batch
 };
 
 struct Listener {
@@ -195,9 +196,9 @@ struct Dispatcher::Impl {
     if (opt.policy == Policy::custom && !opt.custom_pick) {
       throw Error(ErrorKind::invalid_input, 0, "Dispatcher", "Policy::custom needs custom_pick");
     }
-    if (opt.max_in_flight == 0 || opt.accept_batch == 0 || opt.max_attempts == 0) {
+    if (opt.max_in_flight == 0 || opt.accept_batch == 0) {
       throw Error(ErrorKind::invalid_input, 0, "Dispatcher",
-                  "max_in_flight, accept_batch and max_attempts must be at least 1");
+                  "max_in_flight and accept_batch must be at least 1");
     }
     if (opt.peek_bytes > kMaxPeekBytes) {
       throw Error(ErrorKind::invalid_input, 0, "Dispatcher",
@@ -660,6 +661,11 @@ struct Dispatcher::Impl {
     const pid_t pid = w.pid;
     const bool held = !w.in_flight.empty();
     forget(w.channel.native_handle().get());
+    // A worker acks what it reads before it serves it (Worker::poll), so of what it held
+    // unacknowledged, only its oldest batch can have been in its hands when it died: the
+    // rest was still queued in the channel, and gets no strike.
+    std::uint64_t oldest_batch = std::numeric_limits<std::uint64_t>::max();
+    for (const auto& [cid, c] : w.in_flight) oldest_batch = std::min(oldest_batch, c.seq);
     // In send order, so the oldest clients are served first.
     std::vector<Conn> back;
     back.reserve(w.in_flight.size() + w.outbox.size());
@@ -667,8 +673,11 @@ struct Dispatcher::Impl {
     for (auto& [sent, cid] : w.sent_order) {
       auto it = w.in_flight.find(cid);
       if (it == w.in_flight.end()) continue;
-      if (++it->second.lost_with >= opt.max_attempts) {
-        ++abandoned;  // erasing closes our copy: the client sees the connection end
+      Conn& c = it->second;
+      if (c.seq == oldest_batch && opt.max_attempts > 0 && ++c.lost_with >= opt.max_attempts) {
+        // Closing our copy ends the connection for the client once the worker's copy is
+        // gone too: at once if it died; a live worker cut off is its supervisor's to stop.
+        ++abandoned;
       } else {
         back.push_back(std::move(it->second));
       }

@@ -677,7 +677,7 @@ TEST_F(Cli, S6_ExternalPythonWorkerInInheritMode) {
   EXPECT_EQ(s.child.wait_exit(20s), 0);
 }
 
-// The command line: IPv4, IPv6 and unix listeners side by side, reached with curl. In
+// serve's synopsis: IPv4, IPv6 and unix listeners side by side, reached with curl. In
 // dispatch mode every connection reaches the worker with the name of the listener it came
 // through and its peer's address; in inherit mode the built-in worker accepts on all three.
 TEST_F(Cli, S6_Ipv4Ipv6AndUnixListenersSideBySideInBothModes) {

@@ -611,6 +611,49 @@ TEST_F(DispatchLoop, R12_AConnectionLostWithMaxAttemptsWorkersIsClosedNotPassedO
   test::expect_accounted(d);
 }
 
+// Only the oldest unacknowledged batch can have been in a worker's hands when it died: a
+// later batch still queued in its channel gets no strike and is served elsewhere as usual.
+TEST_F(DispatchLoop, R12_OnlyTheOldestUnacknowledgedBatchCountsAnAttempt) {
+  auto [listener, ep] = loopback_listener();
+  Dispatcher d({.policy = Policy::custom, .custom_pick = prefer_worker_zero(), .max_attempts = 1});
+  d.add_listener("web", std::move(listener));
+  Channel dying = join_raw_worker(d, 0);
+  Client read_by_the_dead(ep, "x\n");
+  ASSERT_TRUE(pump(d, [&] { return d.stats().dispatched == 1; }));
+  Client still_queued(ep, "y\n");
+  ASSERT_TRUE(pump(d, [&] { return d.stats().dispatched == 2; }));  // a second message
+  { Channel gone = std::move(dying); }  // dies with both unacknowledged
+  Worker survivor = join_worker(d, 1);
+  ASSERT_TRUE(pump(d, [&] { serve_all(survivor); return read_by_the_dead.advance() && still_queued.advance(); }));
+  EXPECT_TRUE(read_by_the_dead.done());
+  EXPECT_EQ(read_by_the_dead.reply(), "");
+  EXPECT_EQ(still_queued.field("w"), "1");
+  const Stats s = d.stats();
+  EXPECT_EQ(s.abandoned, 1U);
+  EXPECT_EQ(s.redispatched, 1U);
+  test::expect_accounted(d);
+}
+
+// max_attempts = 0: no limit, the connection is passed on however many workers are lost.
+TEST_F(DispatchLoop, R12_MaxAttemptsZeroPassesConnectionsOnWithoutLimit) {
+  auto [listener, ep] = loopback_listener();
+  Dispatcher d({.max_attempts = 0});
+  d.add_listener("web", std::move(listener));
+  Client client(ep, "x\n");
+  const ReceiveOptions take{.expect = Expect::anything, .allow_unix_sockets = true};
+  for (std::uint32_t death = 0; death < 4; ++death) {
+    Channel doomed = join_raw_worker(d, death);
+    Message m;
+    ASSERT_TRUE(pump(d, [&] { return doomed.try_receive(m, take); })) << "death " << death;
+  }  // each dies holding it, unacknowledged
+  Worker last = join_worker(d, 9);
+  ASSERT_TRUE(pump(d, [&] { serve_all(last); return client.advance(); }));
+  EXPECT_EQ(client.field("w"), "9");
+  EXPECT_EQ(d.stats().abandoned, 0U);
+  EXPECT_EQ(d.stats().redispatched, 4U);
+  test::expect_accounted(d);
+}
+
 TEST_F(DispatchLoop, R12_AckTimeoutCutsWorkerOffAndRedispatches) {
   auto [listener, ep] = loopback_listener();
   Dispatcher d({.policy = Policy::custom,
