@@ -124,7 +124,7 @@ std::string Stats::prometheus() const {
   counter("sockshare_connections_dropped_total",
           "Accepted connections closed without reaching a worker.", dropped);
   counter("sockshare_connections_abandoned_total",
-          "Of the dropped, connections closed after max_attempts workers were lost holding them.",
+          "Of the dropped, connections closed after max_attempts workers were lost reading them.",
           abandoned);
   counter("sockshare_accept_errors_total", "accept() failures other than EAGAIN.", accept_errors);
   counter("sockshare_accept_emfile_total",

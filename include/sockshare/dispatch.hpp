@@ -178,7 +178,7 @@ struct Stats {
   std::uint64_t acknowledged = 0;
   std::uint64_t redispatched = 0;   // returned by a dead or broken worker, sent again
   std::uint64_t dropped = 0;        // closed without service (draining deadline, no worker)
-  std::uint64_t abandoned = 0;      // of those, closed after max_attempts workers were lost reading it
+  std::uint64_t abandoned = 0;      // of those, lost with max_attempts workers (see there)
   std::uint64_t accept_errors = 0;
   std::uint64_t emfile_events = 0;  // R21
   std::uint64_t backpressure_pauses = 0;  // accepting paused because every worker was full

@@ -737,6 +737,18 @@ std::size_t count_of(std::string_view text, std::string_view what) {
   return n;
 }
 
+// Both workers of `s` are still their first process (an external worker that could not take
+// its listeners would have exited and been restarted); then serve stops cleanly.
+void expect_both_workers_stayed_up_then_stop(Server& s) {
+  const std::string status = s.status();
+  EXPECT_EQ(count_of(status, "running    starts 1 exits 0"), 2U) << status;
+  s.child.kill(SIGTERM);
+  EXPECT_EQ(s.child.wait_exit(20s), 0);
+}
+
+std::string node_program() { return installed({"/usr/bin/node", "/usr/bin/nodejs", "/usr/local/bin/node"}); }
+constexpr const char* kNodeMissing = "node is missing: scripts/deps.sh installs it (Debian package nodejs)";
+
 // systemd-socket-proxyd knows nothing but socket activation: it takes its listeners with
 // sd_listen_fds(), which ignores them unless LISTEN_PID is its own pid, and exits at once
 // without any. As inherit-mode workers it runs unchanged and relays every request to a
@@ -764,10 +776,7 @@ TEST_F(Cli, S6_SystemdSocketProxydRunsUnchangedAsInheritModeWorkers) {
       ASSERT_TRUE(relayed) << "request " << i;
       EXPECT_EQ(relayed->pid, direct->pid);
     }
-    const std::string status = front.status();
-    EXPECT_EQ(count_of(status, "running    starts 1 exits 0"), 2U) << status;
-    front.child.kill(SIGTERM);
-    EXPECT_EQ(front.child.wait_exit(20s), 0);
+    expect_both_workers_stayed_up_then_stop(front);
   }
 }
 
@@ -775,8 +784,8 @@ TEST_F(Cli, S6_SystemdSocketProxydRunsUnchangedAsInheritModeWorkers) {
 // alone) as inherit-mode workers, on a TCP and a unix listener: both workers serve, each
 // listener under its name, none exits before serve stops.
 TEST_F(Cli, S6_NodeHttpServerInInheritMode) {
-  const std::string node = installed({"/usr/bin/node", "/usr/bin/nodejs", "/usr/local/bin/node"});
-  ASSERT_FALSE(node.empty()) << "node is missing: scripts/deps.sh installs it (Debian package nodejs)";
+  const std::string node = node_program();
+  ASSERT_FALSE(node.empty()) << kNodeMissing;
   const std::string socket_path = "/tmp/sockshare-cli-test-node-" + std::to_string(::getpid()) + ".sock";
   for (const bool reuseport : {false, true}) {
     SCOPED_TRACE(reuseport ? "one SO_REUSEPORT listener per worker" : "one shared listener");
@@ -814,10 +823,7 @@ TEST_F(Cli, S6_NodeHttpServerInInheritMode) {
     const auto over_unix = parse_responses(read_to_eof(unix_client));
     ASSERT_EQ(over_unix.size(), 1U);
     EXPECT_NE(over_unix[0].body.find(" listener api"), std::string::npos) << over_unix[0].body;
-    const std::string status = s.status();
-    EXPECT_EQ(count_of(status, "running    starts 1 exits 0"), 2U) << status;
-    s.child.kill(SIGTERM);
-    EXPECT_EQ(s.child.wait_exit(20s), 0);
+    expect_both_workers_stayed_up_then_stop(s);
   }
 }
 
@@ -826,8 +832,8 @@ TEST_F(Cli, S6_NodeHttpServerInInheritMode) {
 // hold the process until its keep-alive timeout, and serve would kill it at the drain
 // deadline), and the worker exits 0.
 TEST_F(Cli, NodeWorkerAnswersTheRequestInProgressOnSigtermAndExitsZero) {
-  const std::string node = installed({"/usr/bin/node", "/usr/bin/nodejs", "/usr/local/bin/node"});
-  ASSERT_FALSE(node.empty()) << "node is missing: scripts/deps.sh installs it (Debian package nodejs)";
+  const std::string node = node_program();
+  ASSERT_FALSE(node.empty()) << kNodeMissing;
   Fd listener = sockshare::listen_on(sockshare::parse_endpoint("127.0.0.1:0"));
   const std::uint16_t port = sockshare::local_endpoint(listener.borrow()).port;
   // LISTEN_PID must name the worker itself: the shell execs it, keeping its pid. Its stderr
