@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Builds everything and runs every test: the suite with -Werror, the installed-package
-# consumer, the suite again under AddressSanitizer + UndefinedBehaviorSanitizer, and each
-# libFuzzer target for a bounded time, and the Windows backend cross-built with mingw-w64 and
-# tested under Wine. Usage: scripts/test.sh [--quick]  (--quick: first stage only).
+# consumer, scripts/run.sh answering a request, the suite again under AddressSanitizer +
+# UndefinedBehaviorSanitizer, each libFuzzer target for a bounded time, and the Windows
+# backend cross-built with mingw-w64 and tested under Wine. Usage: scripts/test.sh [--quick]  (--quick: first stage only).
 # Fuzz time per target: FUZZ_SECONDS (default 30).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,6 +30,32 @@ c++ -std=c++20 tests/consume/main.cpp -o build/_consume/consume_pc \
 build/_consume/consume_pc
 
 [ $quick -eq 1 ] && exit 0
+
+echo "== the README's run command after this one: scripts/run.sh, a request, Ctrl-C"
+# The README's two commands share build/: the run command must build and serve after the
+# test command configured it (warnings as errors, another build type).
+run_dir=$(mktemp -d)
+mkfifo "$run_dir/ready"
+SOCKSHARE_LISTEN=127.0.0.1:0 scripts/run.sh --ready-fd 3 3>"$run_dir/ready" 2>"$run_dir/log" &
+run_pid=$!
+exec {ready_fd}<"$run_dir/ready"
+port=""
+while read -r -t 600 -u "$ready_fd" line; do
+  case "$line" in
+    "listening "*) port=${line##*:} ;;
+    ready) break ;;
+  esac
+done
+exec {ready_fd}<&-
+if [ -z "$port" ] || ! curl -fsS --max-time 10 "http://127.0.0.1:$port/" | grep -q '^worker [0-9]* pid '; then
+  kill -KILL "$run_pid" 2>/dev/null || true
+  cat "$run_dir/log" >&2
+  echo "scripts/run.sh did not serve" >&2
+  exit 1
+fi
+kill -INT "$run_pid"
+wait "$run_pid" || { cat "$run_dir/log" >&2; echo "scripts/run.sh did not stop cleanly on SIGINT" >&2; exit 1; }
+rm -rf "$run_dir"
 
 echo "== AddressSanitizer + UndefinedBehaviorSanitizer"
 cmake -S . -B build-asan -DCMAKE_BUILD_TYPE=Debug -DSOCKSHARE_WERROR=ON \
