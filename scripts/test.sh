@@ -2,7 +2,8 @@
 # Builds everything and runs every test: the suite with -Werror, the installed-package
 # consumer, scripts/run.sh answering a request, the suite again under AddressSanitizer +
 # UndefinedBehaviorSanitizer, each libFuzzer target for a bounded time, and the Windows
-# backend cross-built with mingw-w64 and tested under Wine. Usage: scripts/test.sh [--quick]  (--quick: first stage only).
+# backend cross-built with mingw-w64 and tested under Wine.
+# Usage: scripts/test.sh [--quick]  (--quick: first stage only).
 # Fuzz time per target: FUZZ_SECONDS (default 30).
 set -euo pipefail
 cd "$(dirname "$0")/.."
