@@ -92,6 +92,12 @@ int main(int argc, char** argv) {
       ->capture_default_str()
       ->check(CLI::Range(1, 65536));
   serve_cmd
+      ->add_option("--max-attempts", serve.max_attempts,
+                   "dispatch mode: workers a connection may be lost with (each died reading "
+                   "it before its ack) before it is closed instead of passed on; 0: no limit; "
+                   "default 3")
+      ->check(CLI::Range(0, 1000));
+  serve_cmd
       ->add_option("--peek-bytes", serve.peek_bytes,
                    "dispatch mode: read up to N first bytes before the handoff and pass "
                    "them along with the connection")

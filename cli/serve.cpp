@@ -307,6 +307,8 @@ Serve::Serve(const ServeOptions& options, const std::string& self_path,
   policy_ = options.policy.empty() ? "least" : options.policy;
   if (!dispatch_mode_ && options.peek_bytes > 0)
     throw UsageError("--peek-bytes needs --mode dispatch");
+  if (!dispatch_mode_ && options.max_attempts)
+    throw UsageError("--max-attempts needs --mode dispatch");
   if (!(options.drain_timeout_s >= 0 && options.drain_timeout_s <= 3600)) {
     throw UsageError("--drain-timeout: 0 to 3600 seconds");
   }
@@ -317,6 +319,7 @@ Serve::Serve(const ServeOptions& options, const std::string& self_path,
   dispatcher_options_.policy = parse_policy(policy_);
   dispatcher_options_.max_in_flight = options.max_in_flight == 0 ? 1 : options.max_in_flight;
   dispatcher_options_.peek_bytes = options.peek_bytes;
+  if (options.max_attempts) dispatcher_options_.max_attempts = *options.max_attempts;
   if (!options.control.empty()) {
     try {
       const Endpoint control = parse_endpoint(options.control);

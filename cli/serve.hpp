@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -24,6 +25,7 @@ struct ServeOptions {
   std::string control;            // endpoint; empty: control::default_endpoint
   double drain_timeout_s = 10;
   std::uint32_t max_in_flight = 128;
+  std::optional<std::uint32_t> max_attempts;  // dispatch mode; 0: no limit; unset: the library's
   std::uint32_t peek_bytes = 0;
   // TCP_DEFER_ACCEPT seconds on the TCP listeners serve opens; -1: 1 with the built-in worker
   // (HTTP: the client speaks first), 0 (off) with a COMMAND, whose protocol is unknown.

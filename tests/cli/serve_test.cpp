@@ -287,6 +287,8 @@ TEST_F(Cli, UsageErrorsExitTwo) {
       {kCli, "serve", "--listen", "127.0.0.1:0", "--mode", "fork"},
       {kCli, "serve", "--listen", "127.0.0.1:0", "--reuseport"},
       {kCli, "serve", "--listen", "127.0.0.1:0", "--mode", "inherit", "--policy", "least"},
+      {kCli, "serve", "--listen", "127.0.0.1:0", "--mode", "inherit", "--max-attempts", "2"},
+      {kCli, "serve", "--listen", "127.0.0.1:0", "--max-attempts", "-1"},
       {kCli, "serve", "--listen", "127.0.0.1:0", "--control", "127.0.0.1:9"},
       {kCli, "serve", "--listen", "a=127.0.0.1:0", "--listen", "a=127.0.0.1:0"},
       {kCli, "status"},
@@ -1067,9 +1069,10 @@ TEST_F(Cli, DeferredAcceptIsOffForAnExternalCommand) {
 // ---- failures and shutdown -----------------------------------------------------------------
 
 // A request that crashes whichever worker receives it: passed on to a second and a third
-// worker (R12), then closed (max_attempts), so the client gets an answer of sorts — end of
-// stream — instead of waiting while the workers take turns dying; status counts it.
-TEST_F(Cli, R12_AConnectionThatCrashesEveryWorkerIsAbandonedAfterThree) {
+// worker (R12), then closed (--max-attempts, default 3), so the client gets an answer of
+// sorts — end of stream — instead of waiting while the workers take turns dying; status
+// counts it.
+TEST_F(Cli, R12_AConnectionThatCrashesEveryWorkerIsAbandonedAfterMaxAttempts) {
   // A dispatch-mode worker that says hello and dies on its first connection, before the ack.
   const std::string crash_on_receipt = R"(
 import os, socket, struct, sys
@@ -1083,17 +1086,23 @@ channel.send(0x8201, struct.pack("<II", int(os.environ["SOCKSHARE_WORKER_INDEX"]
 channel.receive(allow_unix_sockets=True)
 os._exit(3)
 )";
-  Server s = Server::start({"--listen", "127.0.0.1:0", "--workers", "2", "--", python3(), "-c",
-                            crash_on_receipt, kSourceDir + "/examples/python"});
-  ASSERT_NE(s.port, 0);
-  Fd client = connect_tcp(s.port);
-  ASSERT_TRUE(client.valid());
-  ASSERT_TRUE(send_all(client, "GET / HTTP/1.1\r\nHost: x\r\n\r\n"));
-  // Two workers die at once, the third after its restart backoff (100 ms): well within 20 s.
-  EXPECT_EQ(read_to_eof(client, 20s), "");
-  const std::string status = s.status();
-  EXPECT_NE(status.find("dropped 1  abandoned 1"), std::string::npos) << status;
-  EXPECT_NE(status.find("redispatched 2"), std::string::npos) << status;
+  // The default, then --max-attempts 1: the first worker lost with it is the last.
+  for (const auto& [max_attempts, passed_on] : {std::pair{"", 2}, std::pair{"1", 0}}) {
+    SCOPED_TRACE(std::string("--max-attempts ") + max_attempts);
+    std::vector<std::string> args = {"--listen", "127.0.0.1:0", "--workers", "2"};
+    if (*max_attempts != '\0') args.insert(args.end(), {"--max-attempts", max_attempts});
+    args.insert(args.end(), {"--", python3(), "-c", crash_on_receipt, kSourceDir + "/examples/python"});
+    Server s = Server::start(args);
+    ASSERT_NE(s.port, 0);
+    Fd client = connect_tcp(s.port);
+    ASSERT_TRUE(client.valid());
+    ASSERT_TRUE(send_all(client, "GET / HTTP/1.1\r\nHost: x\r\n\r\n"));
+    // Two workers die at once, the third after its restart backoff (100 ms): well within 20 s.
+    EXPECT_EQ(read_to_eof(client, 20s), "");
+    const std::string status = s.status();
+    EXPECT_NE(status.find("dropped 1  abandoned 1"), std::string::npos) << status;
+    EXPECT_NE(status.find("redispatched " + std::to_string(passed_on) + " "), std::string::npos) << status;
+  }
 }
 
 TEST_F(Cli, R12_KilledWorkerUnderLoadIsRestartedAndRequestsKeepSucceeding) {
