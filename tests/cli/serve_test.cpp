@@ -251,6 +251,23 @@ struct Server {
   }
 };
 
+// "<who> worker I pid P listener NAME", as the test's external workers answer.
+struct WorkerReply {
+  int index = -1;
+  int pid = 0;
+  std::string listener;
+};
+std::optional<WorkerReply> worker_reply(const std::string& body, const std::string& who) {
+  WorkerReply reply;
+  char listener[32] = {};
+  const std::string format = who + " worker %d pid %d listener %31s";
+  if (std::sscanf(body.c_str(), format.c_str(), &reply.index, &reply.pid, listener) != 3) {
+    return std::nullopt;
+  }
+  reply.listener = listener;
+  return reply;
+}
+
 std::string python3() {
   for (const char* candidate : {"/usr/bin/python3", "/usr/local/bin/python3"}) {
     if (::access(candidate, X_OK) == 0) return candidate;
@@ -666,13 +683,9 @@ TEST_F(Cli, S6_ExternalPythonWorkerInInheritMode) {
     auto r = http_get(s.port);
     ASSERT_TRUE(r) << "request " << i;
     EXPECT_EQ(r->status, 200);
-    int index = -1, pid = 0;
-    char listener[32] = {};
-    ASSERT_EQ(std::sscanf(r->body.c_str(), "python worker %d pid %d listener %31s", &index, &pid,
-                          listener),
-              3)
-        << r->body;
-    EXPECT_STREQ(listener, "http");
+    const auto reply = worker_reply(r->body, "python");
+    ASSERT_TRUE(reply) << r->body;
+    EXPECT_EQ(reply->listener, "http");
     workers.insert(r->body);
   }
   s.child.kill(SIGTERM);
@@ -804,14 +817,10 @@ TEST_F(Cli, S6_NodeHttpServerInInheritMode) {
     for (int i = 0; i < 40; ++i) {
       auto r = http_get(s.port);
       ASSERT_TRUE(r) << "request " << i;
-      int index = -1, pid = 0;
-      char listener[32] = {};
-      ASSERT_EQ(std::sscanf(r->body.c_str(), "node worker %d pid %d listener %31s", &index, &pid,
-                            listener),
-                3)
-          << r->body;
-      EXPECT_STREQ(listener, "web");
-      indexes.insert(index);
+      const auto reply = worker_reply(r->body, "node");
+      ASSERT_TRUE(reply) << r->body;
+      EXPECT_EQ(reply->listener, "web");
+      indexes.insert(reply->index);
     }
     if (reuseport) {
       EXPECT_EQ(indexes.size(), 2U);
