@@ -5,9 +5,11 @@
 // path, so the benchmark measures how connections reach workers and nothing else. With
 // --defer-accept (TCP_DEFER_ACCEPT, as `sockshare serve` sets by default with its built-in
 // worker) an accepted connection has its request already, and is read at once, as the
-// built-in worker does then: accept -> read -> write -> close.
+// built-in worker does then: accept -> read -> write -> close. With --shared every process
+// polls one shared listener instead, registered EPOLLEXCLUSIVE (so an arrival wakes one of
+// them): the kernel mechanism `serve --mode inherit` uses, with nothing of sockshare's around it.
 //
-//   baseline_reuseport [--listen 127.0.0.1:0] [--workers 2] [--defer-accept SECONDS]
+//   baseline_reuseport [--listen 127.0.0.1:0] [--workers 2] [--defer-accept SECONDS] [--shared]
 // prints "listening 127.0.0.1:PORT" on stdout once every worker listens; SIGTERM stops all.
 #include <arpa/inet.h>
 #include <netinet/in.h>
@@ -92,14 +94,14 @@ struct Conn {
   std::string in;
 };
 
-void run_worker(int listener, int index, bool deferred) {
+void run_worker(int listener, int index, bool deferred, bool shared) {
   ::prctl(PR_SET_PDEATHSIG, SIGKILL);
   ::signal(SIGPIPE, SIG_IGN);
   const std::string body =
       "worker " + std::to_string(index) + " pid " + std::to_string(::getpid()) + "\n";
   int ep = ::epoll_create1(EPOLL_CLOEXEC);
   epoll_event ev{};
-  ev.events = EPOLLIN;
+  ev.events = shared ? EPOLLIN | EPOLLEXCLUSIVE : EPOLLIN;
   ev.data.fd = listener;
   if (::epoll_ctl(ep, EPOLL_CTL_ADD, listener, &ev) != 0) die("epoll_ctl");
   std::vector<Conn> conns(1024);
@@ -182,18 +184,23 @@ int main(int argc, char** argv) {
   std::string listen = "127.0.0.1:0";
   int workers = 2;
   int defer_accept = 0;
-  for (int i = 1; i + 1 < argc; i += 2) {
-    if (std::strcmp(argv[i], "--listen") == 0)
-      listen = argv[i + 1];
-    else if (std::strcmp(argv[i], "--workers") == 0)
-      workers = std::atoi(argv[i + 1]);
-    else if (std::strcmp(argv[i], "--defer-accept") == 0)
-      defer_accept = std::atoi(argv[i + 1]);
+  bool shared = false;
+  for (int i = 1; i < argc; ++i) {
+    const bool has_value = i + 1 < argc;
+    if (std::strcmp(argv[i], "--shared") == 0)
+      shared = true;
+    else if (has_value && std::strcmp(argv[i], "--listen") == 0)
+      listen = argv[++i];
+    else if (has_value && std::strcmp(argv[i], "--workers") == 0)
+      workers = std::atoi(argv[++i]);
+    else if (has_value && std::strcmp(argv[i], "--defer-accept") == 0)
+      defer_accept = std::atoi(argv[++i]);
   }
   auto colon = listen.rfind(':');
   std::string host = listen.substr(0, colon);
   int port = std::atoi(listen.c_str() + colon + 1);
-  // The first listener resolves port 0; each further worker opens its own on that port.
+  // The first listener resolves port 0; each further worker opens its own on that port, or
+  // with --shared polls the first.
   int first = open_listener(host.c_str(), port, defer_accept);
   sockaddr_in bound{};
   socklen_t len = sizeof bound;
@@ -201,13 +208,15 @@ int main(int argc, char** argv) {
   port = ntohs(bound.sin_port);
   std::vector<pid_t> children;
   for (int w = 0; w < workers; ++w) {
-    int listener = w == 0 ? first : open_listener(host.c_str(), port, defer_accept);
+    int listener =
+        w == 0 || shared ? first : open_listener(host.c_str(), port, defer_accept);
     pid_t pid = ::fork();
     if (pid < 0) die("fork");
-    if (pid == 0) run_worker(listener, w, defer_accept > 0);
+    if (pid == 0) run_worker(listener, w, defer_accept > 0, shared);
     children.push_back(pid);
-    ::close(listener);
+    if (!shared) ::close(listener);
   }
+  if (shared) ::close(first);
   std::printf("listening %s:%d\n", host.c_str(), port);
   std::fflush(stdout);
   // The workers die with us (PR_SET_PDEATHSIG); wait until one of them or we are stopped.

@@ -4,13 +4,15 @@
 #
 #   bench/serve_bench.sh [BUILD_DIR]        (default: build-bench, a Release build)
 #   env: LOADS="1x16 2x64" DURATION=5s ROUNDS=3 FIXED_RATE=4000 ACCEPTS="plain deferred"
-#        UNEVEN_RATES="200 400 600 800" UNEVEN_DURATION=10 UNEVEN_CONNECTIONS="16 32"
-#        NODE_LOADS="2x64"
+#        UNEVEN_RATES="400 600 800 1000 1200" UNEVEN_ROUNDS=3 UNEVEN_DURATION=10
+#        UNEVEN_CONNECTIONS="16 32" NODE_LOADS="2x64"
 #   (set to empty, LOADS, ACCEPTS, UNEVEN_RATES, UNEVEN_CONNECTIONS or NODE_LOADS skip what
 #   they list: LOADS= ACCEPTS= NODE_LOADS= runs only scenario 2)
 #
 # Scenario 1, uniform tiny requests (wrk, closed loop): connections/s, p50, p99 of
 #   reuseport  bench/baseline_reuseport       2 processes, one SO_REUSEPORT listener each
+#   shared     bench/baseline_reuseport --shared: the same 2 processes polling one shared
+#              listener (EPOLLEXCLUSIVE), the kernel mechanism inherit mode uses, bare
 #   inherit    sockshare serve --mode inherit  one shared listener, workers accept (EPOLLEXCLUSIVE)
 #   inherit-rp sockshare serve --mode inherit --reuseport: one SO_REUSEPORT listener per worker
 #   naive      bench/baseline_naive_dispatch   accept + sendmsg to the next worker, nothing else
@@ -30,7 +32,8 @@
 # dispatch --policy rr for reference:
 #   2a open loop (bench/serve_loadgen): requests due at each rate of UNEVEN_RATES (below
 #      saturation), a new connection each; p50/p99 overall, for the short requests and for the
-#      burning ones, measured from the time each request was due;
+#      burning ones, measured from the time each request was due; UNEVEN_ROUNDS rounds, each
+#      with its own arrivals (seed), the median of the within-round ratios reported;
 #   2b closed loop (wrk -s bench/burn.lua, 5% drawn at random burn) at each connection count
 #      of UNEVEN_CONNECTIONS: wrk's own latency percentiles.
 # Scenario 3, Node.js (skipped without node): one HTTP handler in 2 Node processes spread by
@@ -45,7 +48,8 @@ duration=${DURATION:-5s}
 loads=${LOADS-"1x16 2x64"}
 rounds=${ROUNDS:-3}
 uneven_connections=${UNEVEN_CONNECTIONS-"16 32"}
-uneven_rates=${UNEVEN_RATES-"200 400 600 800"}
+uneven_rates=${UNEVEN_RATES-"400 600 800 1000 1200"}
+uneven_rounds=${UNEVEN_ROUNDS:-3}
 uneven_duration=${UNEVEN_DURATION:-10}
 fixed_rate=${FIXED_RATE:-4000}
 node_loads=${NODE_LOADS-"2x64"}
@@ -219,6 +223,8 @@ for load in $loads; do
   for round in $(seq 1 "$rounds"); do
     start reuseport baseline "$build/bench/baseline_reuseport" --listen 127.0.0.1:0 --workers 2 "${d[@]}"
     measure reuseport "$round" "${wrk_args[@]}"
+    start shared baseline "$build/bench/baseline_reuseport" --listen 127.0.0.1:0 --workers 2 --shared "${d[@]}"
+    measure shared "$round" "${wrk_args[@]}"
     start inherit serve "$cli" serve --listen 127.0.0.1:0 --workers 2 --mode inherit "${d[@]}"
     measure inherit "$round" "${wrk_args[@]}"
     start inherit-rp serve "$cli" serve --listen 127.0.0.1:0 --workers 2 --mode inherit --reuseport "${d[@]}"
@@ -233,9 +239,11 @@ for load in $loads; do
 
   echo "Scenario 1, $accept accept: uniform tiny requests, new connection per request;" \
        "wrk -t$threads -c$connections -d$duration --latency -H 'Connection: close', $rounds rounds"
-  print_table reuseport inherit inherit-rp naive dispatch dispatch-rr
+  print_table reuseport shared inherit inherit-rp naive dispatch dispatch-rr
   echo
   report_ratio inherit reuseport 0.97 "inherit  / reuseport"
+  report_ratio inherit shared - "inherit  / shared"
+  report_ratio shared reuseport - "shared   / reuseport"
   report_ratio inherit-rp reuseport - "inherit-rp / reuseport"
   report_ratio dispatch reuseport 0.90 "dispatch / reuseport"
   report_ratio dispatch naive 0.97 "dispatch / naive"
@@ -282,34 +290,43 @@ echo
 # connection, latency measured from the due time; 5% burn 20 ms of worker CPU. Overall p99
 # includes the burns themselves (>= 20 ms by construction, and 5% > 1%), so the p99 of the
 # short requests is reported too: that is where a request waiting behind a burn shows.
-echo "Scenario 2: uneven work, 5% of requests burn 20 ms; open loop, $uneven_duration s per run; deferred accept"
-printf '%-6s %-16s %9s %9s %9s %11s %11s %9s\n' rate config "all p50" "all p99" "all p99.9" "short p50" "short p99" "burn p99"
-uneven() {  # RATE NAME: one serve_loadgen run against $PORT, prints a row, sets P99_ALL P99_SHORT
+echo "Scenario 2: uneven work, 5% of requests burn 20 ms; open loop, $uneven_duration s per run, $uneven_rounds rounds (seeds RATE*10+ROUND); deferred accept"
+printf '%-6s %-5s %-16s %9s %9s %9s %11s %11s %9s\n' rate round config "all p50" "all p99" "all p99.9" "short p50" "short p99" "burn p99"
+uneven() {  # RATE ROUND NAME: one serve_loadgen run against $PORT, prints a row, sets P99_ALL P99_SHORT
   local out
   out=$("$loadgen" --port "$PORT" --rate "$1" --duration "$uneven_duration" --burn-percent 5 \
-          --burn-ms 20 --seed "$1") || echo "  note ($2 at $1/s): serve_loadgen reported errors: $(echo "$out" | head -1)" >&2
+          --burn-ms 20 --seed "$(( $1 * 10 + $2 ))") || echo "  note ($3 at $1/s): serve_loadgen reported errors: $(echo "$out" | head -1)" >&2
   read -r P99_ALL P99_SHORT <<<"$(echo "$out" | awk '
     { for (i = 2; i <= NF; ++i) { split($i, kv, "="); v[$1, kv[1]] = kv[2] } }
     END { print v["all", "p99_us"], v["short", "p99_us"] }')"
-  echo "$out" | awk -v rate="$1" -v name="$2" '
+  echo "$out" | awk -v rate="$1" -v round="$2" -v name="$3" '
     { for (i = 2; i <= NF; ++i) { split($i, kv, "="); v[$1, kv[1]] = kv[2] } }
-    END { printf "%-6s %-16s %9s %9s %9s %11s %11s %9s\n", rate, name, v["all", "p50_us"],
+    END { printf "%-6s %-5s %-16s %9s %9s %9s %11s %11s %9s\n", rate, round, name, v["all", "p50_us"],
           v["all", "p99_us"], v["all", "p99.9_us"], v["short", "p50_us"], v["short", "p99_us"], v["burn", "p99_us"] }'
 }
+# the median of numbers one per line; of an even count the upper middle (lower is better here)
+median_line() { sort -g | awk '{ v[NR] = $1 } END { printf "%s", v[int(NR / 2) + 1] }'; }
 for rate in $uneven_rates; do
-  start uneven-reuseport baseline "$build/bench/baseline_reuseport" --listen 127.0.0.1:0 --workers 2 --defer-accept 1
-  uneven "$rate" reuseport
-  stop
-  ra=$P99_ALL rs=$P99_SHORT
-  start uneven-least serve "$cli" serve --listen 127.0.0.1:0 --workers 2 --mode dispatch --policy least
-  uneven "$rate" "dispatch+least"
-  stop
-  la=$P99_ALL ls=$P99_SHORT
-  start uneven-rr serve "$cli" serve --listen 127.0.0.1:0 --workers 2 --mode dispatch --policy rr
-  uneven "$rate" "dispatch+rr"
-  stop
-  r_all=$(ratio "$la" "$ra")
-  echo "       dispatch+least / reuseport: p99 all $r_all (target <= 0.50: $(awk -v r="$r_all" 'BEGIN { print (r <= 0.5 ? "met" : "NOT met") }')), p99 short $(ratio "$ls" "$rs")"
+  all_ratios="" short_ratios=""
+  for round in $(seq 1 "$uneven_rounds"); do
+    # Within a round the three configurations get the same arrivals (same seed), back to back.
+    start uneven-reuseport baseline "$build/bench/baseline_reuseport" --listen 127.0.0.1:0 --workers 2 --defer-accept 1
+    uneven "$rate" "$round" reuseport
+    stop
+    ra=$P99_ALL rs=$P99_SHORT
+    start uneven-least serve "$cli" serve --listen 127.0.0.1:0 --workers 2 --mode dispatch --policy least
+    uneven "$rate" "$round" "dispatch+least"
+    stop
+    la=$P99_ALL ls=$P99_SHORT
+    start uneven-rr serve "$cli" serve --listen 127.0.0.1:0 --workers 2 --mode dispatch --policy rr
+    uneven "$rate" "$round" "dispatch+rr"
+    stop
+    all_ratios+="$(ratio "$la" "$ra") " short_ratios+="$(ratio "$ls" "$rs") "
+  done
+  r_all=$(tr ' ' '\n' <<<"$all_ratios" | grep . | median_line)
+  r_short=$(tr ' ' '\n' <<<"$short_ratios" | grep . | median_line)
+  echo "       dispatch+least / reuseport at $rate/s: p99 all $r_all (per round: ${all_ratios% };" \
+       "target <= 0.50: $(awk -v r="$r_all" 'BEGIN { print (r <= 0.5 ? "met" : "NOT met") }')), p99 short $r_short (per round: ${short_ratios% })"
 done
 echo
 
