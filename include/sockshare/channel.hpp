@@ -40,6 +40,9 @@ struct Message {
   std::vector<Fd> fds;
   // One entry per descriptor when the sender attached metadata, otherwise empty.
   std::vector<std::vector<std::byte>> fd_meta;
+  // When the peer's send queued it (CLOCK_REALTIME, ns), if the receiving channel asked for
+  // it with record_arrival_times(); otherwise 0.
+  std::int64_t queued_realtime_ns = 0;
 
   [[nodiscard]] std::string_view payload_text() const {
     return {reinterpret_cast<const char*>(payload.data()), payload.size()};
@@ -137,6 +140,10 @@ public:
   // 6.16+; the sender gets EPERM). Returns false where the kernel lacks it; receives still
   // close and reject what arrives when ReceiveOptions::max_fds is 0.
   bool refuse_descriptors();
+
+  // Has the kernel stamp each message as it is queued (SO_TIMESTAMPNS), read back as
+  // Message::queued_realtime_ns: a reader that gets to a message late still knows when it came.
+  void record_arrival_times();
 
   // Who is on the other end (SO_PEERCRED, as of connect or socketpair).
   [[nodiscard]] PeerCredentials peer_credentials() const;

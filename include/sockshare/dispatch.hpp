@@ -161,6 +161,13 @@ struct DispatcherOptions {
   // first worker that catches up, instead of queueing behind one particular long request.
   // Zero turns it off.
   std::chrono::microseconds busy_after{2000};
+  // While connections flow (two handoff rounds within this window), what workers send (acks,
+  // load reports) is read with the next accepts rather than on its own wake-up, which halves
+  // the loop's wake-ups per connection at moderate rates. The handoff latency still ends at
+  // the ack's arrival (the kernel stamps it). This long after the last handoff, or whenever
+  // the loop waits on the workers (all full or busy, a drain), it reads them at once again.
+  // Zero reads every message on arrival.
+  std::chrono::microseconds lazy_read_window{2000};
   // Accepted connections held while no worker can take them (returned by a lost worker).
   // Accepting pauses long before this; beyond it the oldest are closed and counted dropped.
   std::size_t max_pending = 4096;
@@ -220,7 +227,10 @@ public:
   // remove_worker(). A Supervisor installs its own and calls the one set before it.
   std::function<void(WorkerId, pid_t)> on_worker_lost;
 
-  // Pollable descriptor (an epoll set): readable when run_once() has work.
+  // Pollable descriptor (an epoll set): readable when run_once() has work. Timers (ack
+  // timeout, drain deadline, lazy_read_window) need run_once() calls too: a loop that polls
+  // this descriptor should call run_once(0) at least every millisecond or so while
+  // connections are in flight, or drive it with run_once(timeout).
   [[nodiscard]] BorrowedFd native_handle() const noexcept;
 
   // Shares the loop with other descriptors (a supervisor's pidfds, a signalfd, a control

@@ -6,6 +6,7 @@
 #include <poll.h>
 #include <sys/stat.h>
 #include <sys/un.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <array>
@@ -22,9 +23,11 @@ std::string fd_op(const char* call, int fd) {
 }
 
 // Room for a full batch of descriptors plus the credential messages a peer may attach
-// (SCM_CREDENTIALS, SCM_PIDFD) if SO_PASSCRED/SO_PASSPIDFD is ever set on the socket.
+// (SCM_CREDENTIALS, SCM_PIDFD) if SO_PASSCRED/SO_PASSPIDFD is ever set on the socket, and
+// the arrival time (record_arrival_times).
 constexpr std::size_t kControlSize = CMSG_SPACE(sizeof(int) * wire::kMaxFds) +
-                                     CMSG_SPACE(sizeof(ucred)) + CMSG_SPACE(sizeof(int));
+                                     CMSG_SPACE(sizeof(ucred)) + CMSG_SPACE(sizeof(int)) +
+                                     CMSG_SPACE(sizeof(timespec));
 
 sockaddr_un unix_address(const Endpoint& ep, socklen_t& length) {
   if (ep.kind != Endpoint::Kind::unix_path && ep.kind != Endpoint::Kind::unix_abstract) {
@@ -300,9 +303,16 @@ bool Channel::try_receive(Message& out, const ReceiveOptions& options) {
   // Own every descriptor before looking at anything else, so each error path below closes
   // them all by unwinding (R1, R2, R5, R9, R15).
   out.fds.clear();
+  out.queued_realtime_ns = 0;
   std::optional<Fd> peer_pidfd;
   for (cmsghdr* c = CMSG_FIRSTHDR(&msg); c != nullptr; c = CMSG_NXTHDR(&msg, c)) {
     if (c->cmsg_level != SOL_SOCKET) continue;
+    if (c->cmsg_type == SCM_TIMESTAMPNS && c->cmsg_len >= CMSG_LEN(sizeof(timespec))) {
+      timespec queued{};
+      std::memcpy(&queued, CMSG_DATA(c), sizeof queued);
+      out.queued_realtime_ns = std::int64_t{queued.tv_sec} * 1'000'000'000 + queued.tv_nsec;
+      continue;
+    }
     if (c->cmsg_type != SCM_RIGHTS && c->cmsg_type != SCM_PIDFD) continue;
     if (c->cmsg_len < CMSG_LEN(0)) continue;
     // R2: count from cmsg_len, never from the header; the kernel merges several
@@ -428,6 +438,13 @@ bool Channel::refuse_descriptors() {
   if (::setsockopt(socket_.get(), SOL_SOCKET, SO_PASSRIGHTS, &zero, sizeof zero) == 0) return true;
   if (errno == ENOPROTOOPT || errno == EINVAL) return false;
   SOCKSHARE_THROW_ERRNO(fd_op("setsockopt(SO_PASSRIGHTS)", socket_.get()));
+}
+
+void Channel::record_arrival_times() {
+  int one = 1;
+  if (::setsockopt(socket_.get(), SOL_SOCKET, SO_TIMESTAMPNS, &one, sizeof one) != 0) {
+    SOCKSHARE_THROW_ERRNO(fd_op("setsockopt(SO_TIMESTAMPNS)", socket_.get()));
+  }
 }
 
 PeerCredentials Channel::peer_credentials() const {

@@ -32,7 +32,9 @@ using Clock = std::chrono::steady_clock;
 
 // epoll keys: a tag in the top byte, an id below, looked up on every event so an event for a
 // source removed earlier in the same batch is simply ignored.
-enum Tag : std::uint64_t { kTagWake = 1, kTagListener = 2, kTagWorker = 3, kTagPeek = 4, kTagWatch = 5 };
+enum Tag : std::uint64_t {
+  kTagWake = 1, kTagListener = 2, kTagWorker = 3, kTagPeek = 4, kTagWatch = 5, kTagInbox = 6
+};
 constexpr std::uint64_t key(Tag tag, std::uint64_t id) { return (std::uint64_t{tag} << 56) | id; }
 
 constexpr std::array<double, 19> kLatencyBoundsUs = {
@@ -163,6 +165,14 @@ void bump(std::atomic<std::uint64_t>& c, std::uint64_t n = 1) {
 struct Dispatcher::Impl {
   DispatcherOptions opt;
   Fd epoll;
+  // Every worker channel, for reading (EPOLLIN). It sits in `epoll` except while connections
+  // flow (lazy_read_window: acks then ride along with the next accepts instead of waking the
+  // loop each); the main set holds the channels only for EPOLLOUT and hang-ups.
+  Fd inbox;
+  bool inbox_watched = false;
+  bool dispatched_this_round = false;
+  bool lazy_reads = false;
+  Clock::time_point last_dispatch_round{};
   Fd wake;
   std::atomic<bool> stop_requested{false};
   Counters counters;
@@ -209,6 +219,10 @@ struct Dispatcher::Impl {
     wake = Fd(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
     if (!wake.valid()) sys::throw_errno("eventfd");
     ctl(EPOLL_CTL_ADD, wake.get(), EPOLLIN, key(kTagWake, 0));
+    inbox = Fd(::epoll_create1(EPOLL_CLOEXEC));
+    if (!inbox.valid()) sys::throw_errno("epoll_create1");
+    ctl(EPOLL_CTL_ADD, inbox.get(), EPOLLIN, key(kTagInbox, 0));
+    inbox_watched = true;
   }
 
   void log(const std::string& line) const {
@@ -226,6 +240,56 @@ struct Dispatcher::Impl {
   void forget(int fd) noexcept {  // a descriptor about to close leaves the set
     epoll_event ev{};
     ::epoll_ctl(epoll.get(), EPOLL_CTL_DEL, fd, &ev);
+  }
+
+  void add_channel(const WorkerState& w) {
+    const int fd = w.channel.native_handle().get();
+    ctl(EPOLL_CTL_ADD, fd, 0, key(kTagWorker, w.id));  // hang-ups and errors are always reported
+    epoll_event ev{};
+    ev.events = EPOLLIN;
+    ev.data.u64 = key(kTagWorker, w.id);
+    if (::epoll_ctl(inbox.get(), EPOLL_CTL_ADD, fd, &ev) != 0) {
+      const int err = errno;
+      forget(fd);
+      sys::throw_errno("epoll_ctl(EPOLL_CTL_ADD, fd " + std::to_string(fd) + ") on the inbox", err);
+    }
+  }
+  void forget_channel(const WorkerState& w) noexcept {
+    const int fd = w.channel.native_handle().get();
+    forget(fd);
+    epoll_event ev{};
+    ::epoll_ctl(inbox.get(), EPOLL_CTL_DEL, fd, &ev);
+  }
+
+  // Reads what every worker sent, without waiting.
+  void read_inbox(Clock::time_point now) {
+    std::array<epoll_event, 64> ready{};
+    const int n = ::epoll_wait(inbox.get(), ready.data(), static_cast<int>(ready.size()), 0);
+    if (n < 0 && errno != EINTR) sys::throw_errno("epoll_wait(inbox)");
+    for (int i = 0; i < n; ++i) {
+      on_worker_event(ready[i].data.u64 & ((std::uint64_t{1} << 56) - 1), ready[i].events, now);
+    }
+  }
+
+  // The inbox leaves the main set while connections flow (each round reads it anyway) and
+  // comes back once they stop, or whenever the loop waits on what workers say: a hello, acks
+  // or load reports that let it accept again, byes during a drain.
+  void update_inbox(Clock::time_point now) {
+    if (dispatched_this_round) {
+      lazy_reads = now - last_dispatch_round < opt.lazy_read_window;
+      last_dispatch_round = now;
+      dispatched_this_round = false;
+    } else if (now - last_dispatch_round >= opt.lazy_read_window) {
+      lazy_reads = false;
+    }
+    bool waiting_on_workers = listeners.empty() || !pending.empty() || draining;
+    for (const auto& l : listeners) waiting_on_workers = waiting_on_workers || !l->watched;
+    for (const auto& w : workers) waiting_on_workers = waiting_on_workers || w->drain_until || !w->hello;
+    const bool want = !lazy_reads || waiting_on_workers;
+    if (want == inbox_watched) return;
+    if (want) ctl(EPOLL_CTL_ADD, inbox.get(), EPOLLIN, key(kTagInbox, 0));
+    else forget(inbox.get());
+    inbox_watched = want;
   }
 
   WorkerState* find_worker(WorkerId id) {
@@ -600,7 +664,7 @@ struct Dispatcher::Impl {
         // The worker is not reading: wait for room instead of growing anything (R10).
         w.want_out = true;
         w.blocked_since = now;
-        ctl(EPOLL_CTL_MOD, w.channel.native_handle().get(), EPOLLIN | EPOLLOUT, key(kTagWorker, w.id));
+        ctl(EPOLL_CTL_MOD, w.channel.native_handle().get(), EPOLLOUT, key(kTagWorker, w.id));
         reroute_outbox(w, now);
         return;
       }
@@ -616,6 +680,7 @@ struct Dispatcher::Impl {
         w.in_flight.emplace(id, std::move(conn));
       }
       bump(counters.dispatched, count);
+      dispatched_this_round = true;
     }
     if ((draining || w.drain_until) && w.outbox.empty() && !w.drain_sent && !w.bye && !w.want_out) {
       send_drain(w, now);
@@ -660,7 +725,7 @@ struct Dispatcher::Impl {
     const WorkerId id = w.id;
     const pid_t pid = w.pid;
     const bool held = !w.in_flight.empty();
-    forget(w.channel.native_handle().get());
+    forget_channel(w);
     // A worker acks what it reads before it serves it (Worker::poll), so of what it held
     // unacknowledged, only its oldest batch can have been in its hands when it died: the
     // rest was still queued in the channel, and gets no strike.
@@ -730,7 +795,7 @@ struct Dispatcher::Impl {
     if (w == nullptr) return;
     if ((events & EPOLLOUT) && w->want_out) {
       w->want_out = false;
-      ctl(EPOLL_CTL_MOD, w->channel.native_handle().get(), EPOLLIN, key(kTagWorker, w->id));
+      ctl(EPOLL_CTL_MOD, w->channel.native_handle().get(), 0, key(kTagWorker, w->id));
       w->dirty = true;
     }
     if (!(events & (EPOLLIN | EPOLLHUP | EPOLLERR))) return;
@@ -779,6 +844,11 @@ struct Dispatcher::Impl {
           violation(w, "ack of " + std::to_string(p.size()) + " bytes", now);
           return false;
         }
+        // The ack may have waited in the inbox (lazy reads): the latency ends at its arrival.
+        Clock::duration unread{0};
+        if (message.queued_realtime_ns != 0) {
+          unread = std::chrono::nanoseconds(std::max<std::int64_t>(0, realtime_ns() - message.queued_realtime_ns));
+        }
         for (std::size_t off = 0; off < p.size(); off += 8) {
           const std::uint64_t cid = get_u64(p.data() + off);
           auto it = w.in_flight.find(cid);
@@ -786,7 +856,8 @@ struct Dispatcher::Impl {
             violation(w, "ack for connection " + std::to_string(cid) + " it does not hold", now);
             return false;
           }
-          record_latency(now - it->second.accepted);
+          const Clock::duration since_accept = now - it->second.accepted;
+          record_latency(since_accept > unread ? since_accept - unread : Clock::duration{0});
           w.in_flight.erase(it);  // our copy closes: the worker owns the connection now
         }
         bump(counters.acknowledged, p.size() / 8);
@@ -920,6 +991,7 @@ struct Dispatcher::Impl {
     if (any_in_flight) at = std::min(at, next_timer_check);
     if (emfile_until > now) at = std::min(at, emfile_until);
     if (draining && !drained) at = std::min(at, drain_deadline);
+    if (!inbox_watched) at = std::min(at, last_dispatch_round + opt.lazy_read_window);
     return at;
   }
 
@@ -971,6 +1043,7 @@ struct Dispatcher::Impl {
     if (n < 0 && errno != EINTR) sys::throw_errno("epoll_wait");
     now = Clock::now();
     // Workers first: acks free capacity for the accepts in the same round.
+    read_inbox(now);
     for (int pass = 0; pass < 2; ++pass) {
       for (int i = 0; i < n; ++i) {
         const std::uint64_t k = events[i].data.u64;
@@ -992,6 +1065,7 @@ struct Dispatcher::Impl {
             if (broken_listener != 0) drop_listener(std::exchange(broken_listener, 0));
             break;
           case kTagPeek: finish_peek(id, true, now); break;
+          case kTagInbox: break;  // read above
           case kTagWatch: {
             auto it = watches.find(id);
             if (it != watches.end()) {
@@ -1028,6 +1102,7 @@ struct Dispatcher::Impl {
     }
     update_listeners(now);
     finish_drain_if_done(now);
+    update_inbox(now);
     publish_gauges();
   }
 };
@@ -1062,7 +1137,13 @@ WorkerId Dispatcher::add_worker(Channel channel, pid_t pid, std::uint32_t index)
   w->pid = pid;
   w->index = index;
   w->channel = std::move(channel);
-  impl_->ctl(EPOLL_CTL_ADD, w->channel.native_handle().get(), EPOLLIN, key(kTagWorker, w->id));
+  // Arrival times keep the handoff latency exact when acks are read late (lazy reads); a
+  // channel that cannot stamp them only makes the latency include the wait.
+  try {
+    w->channel.record_arrival_times();
+  } catch (const Error&) {
+  }
+  impl_->add_channel(*w);
   const WorkerId id = w->id;
   impl_->workers.push_back(std::move(w));
   bump(impl_->counters.workers_joined);

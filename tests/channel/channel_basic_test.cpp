@@ -3,6 +3,7 @@
 #include <unistd.h>
 
 #include <cstring>
+#include <thread>
 
 #include "sockshare/channel.hpp"
 #include "support/harness.hpp"
@@ -35,6 +36,29 @@ TEST_F(ChannelBasic, PayloadAndDescriptorsArriveTogether) {
   char c = 0;
   EXPECT_EQ(::read(r.get(), &c, 1), 1);
   EXPECT_EQ(c, 'x');
+}
+
+TEST_F(ChannelBasic, ArrivalTimeIsWhenTheMessageWasQueuedNotWhenItWasRead) {
+  using std::chrono::system_clock;  // CLOCK_REALTIME, the kernel's stamp
+  auto realtime_ns = [] {
+    return std::chrono::duration_cast<std::chrono::nanoseconds>(system_clock::now().time_since_epoch()).count();
+  };
+  auto [a, b] = Channel::pair();
+  b.record_arrival_times();
+  const std::int64_t before = realtime_ns();
+  a.send({.type = 7, .payload = bytes("late")});
+  const std::int64_t after = realtime_ns();
+  // The late read is what this test is about, not a wait for readiness.
+  std::this_thread::sleep_for(std::chrono::milliseconds(40));
+  Message m = b.receive({}, std::chrono::seconds(5));
+  const std::int64_t read_at = realtime_ns();
+  constexpr std::int64_t kSlackNs = 5'000'000;  // a clock adjustment in between
+  EXPECT_GE(m.queued_realtime_ns, before - kSlackNs);
+  EXPECT_LE(m.queued_realtime_ns, after + kSlackNs);
+  EXPECT_GE(read_at - m.queued_realtime_ns, 30'000'000);
+  // Only the end that asked gets stamps.
+  b.send({.type = 8});
+  EXPECT_EQ(a.receive({}, std::chrono::seconds(5)).queued_realtime_ns, 0);
 }
 
 TEST_F(ChannelBasic, PerDescriptorMetadata) {

@@ -485,6 +485,26 @@ TEST_F(ChannelTraps, R8_253DescriptorsTravelInOneMessage) {
   EXPECT_EQ(::read(r.get(), &c, 1), 0) << "a received copy outlived its Message";
 }
 
+TEST_F(ChannelTraps, R8_253DescriptorsAndAnArrivalTimeFitOneControlBuffer) {
+  // The timestamp's control message comes on top of a full batch: too small a buffer would
+  // truncate, and the kernel would close descriptors in transit (R1).
+  auto [a, b] = Channel::pair();
+  b.record_arrival_times();
+  auto [r, w] = test::make_pipe();
+  std::vector<BorrowedFd> fds(wire::kMaxFds, w.borrow());
+  a.send({.fds = fds}, seconds(5));
+  w.reset();
+  {
+    Message m = b.receive({}, seconds(5));
+    EXPECT_EQ(m.fds.size(), wire::kMaxFds);
+    EXPECT_NE(m.queued_realtime_ns, 0);
+  }
+  pollfd p{r.get(), POLLIN, 0};
+  ASSERT_EQ(::poll(&p, 1, 5000), 1);
+  char c = 0;
+  EXPECT_EQ(::read(r.get(), &c, 1), 0) << "a received copy outlived its Message";
+}
+
 TEST_F(ChannelTraps, R8_254DescriptorsAreRefusedBeforeAnySyscall) {
   auto [a, b] = Channel::pair();
   auto [r, w] = test::make_pipe();

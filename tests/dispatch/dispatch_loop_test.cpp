@@ -1,10 +1,13 @@
 // Dispatcher protocol and loop behaviour with the worker ends in this process: a real
-// dispatch::Worker, or a raw Channel playing a misbehaving worker. One thread, no sleeps.
+// dispatch::Worker, or a raw Channel playing a misbehaving worker. One thread; no sleeps
+// except where a late read is the subject.
 #include <gtest/gtest.h>
+#include <poll.h>
 #include <sys/epoll.h>
 #include <sys/socket.h>
 
 #include <cstring>
+#include <thread>
 
 #include "dispatch_support.hpp"
 #include "sockshare/dispatch.hpp"
@@ -542,6 +545,55 @@ TEST_F(DispatchLoop, R12_AcksAreReadWhileConnectionsArriveAndAfterTheyStop) {
   EXPECT_EQ(d.stats().workers_lost, 1u);
   ASSERT_TRUE(pump(d, [&] { serve_all(worker); return late.advance(); }));
   EXPECT_EQ(late.field("w"), "0");
+  test::expect_accounted(d);
+}
+
+TEST_F(DispatchLoop, S6_HandoffLatencyEndsWhenTheAckArrivesNotWhenItIsRead) {
+  auto [listener, ep] = loopback_listener();
+  Dispatcher d;
+  d.add_listener("web", std::move(listener));
+  Worker worker = join_worker(d, 0);
+  Client client(ep, "x\n");
+  std::vector<Connection> got;
+  ASSERT_TRUE(pump(d, [&] { worker.poll(got); return !got.empty(); }));  // poll() acks it
+  // The loop reads the ack late, as it does while connections flow: the subject here.
+  std::this_thread::sleep_for(80ms);
+  ASSERT_TRUE(pump(d, [&] { return d.stats().acknowledged == 1; }));
+  EXPECT_LT(d.stats().latency_sum_us, 50'000.0);
+  test::serve(got[0], 0);
+  got.clear();
+  ASSERT_TRUE(pump(d, [&] { return client.advance(); }));
+  test::expect_accounted(d);
+}
+
+TEST_F(DispatchLoop, S6_WhileConnectionsFlowAcksWaitForTheNextRoundInsteadOfWakingTheLoop) {
+  // A window long enough that the two handoffs below always fall within it.
+  auto [listener, ep] = loopback_listener();
+  Dispatcher d({.lazy_read_window = 400ms});
+  d.add_listener("web", std::move(listener));
+  Worker worker = join_worker(d, 0);
+  std::vector<Client> clients;
+  std::vector<Connection> got;
+  for (int i = 0; i < 2; ++i) {
+    clients.emplace_back(ep, "x\n");
+    ASSERT_TRUE(pump(d, [&] { worker.poll(got); return got.size() == clients.size(); }));
+  }
+  // The second handoff came within the window: its ack (sent by poll) does not make the
+  // loop's descriptor readable, and the next round reads it all the same.
+  pollfd p{d.native_handle().get(), POLLIN, 0};
+  EXPECT_EQ(::poll(&p, 1, 0), 0);
+  EXPECT_EQ(d.stats().in_flight, 1u);
+  d.run_once(0ms);
+  EXPECT_EQ(d.stats().in_flight, 0u);
+  EXPECT_EQ(d.stats().acknowledged, 2u);
+  // Once the window has passed without a handoff, what a worker says wakes the loop again.
+  const auto quiet_from = std::chrono::steady_clock::now();
+  ASSERT_TRUE(pump(d, [&] { return std::chrono::steady_clock::now() - quiet_from > 500ms; }, 2s));
+  worker.report_load(1);
+  EXPECT_EQ(::poll(&p, 1, 5000), 1);
+  for (auto& c : got) test::serve(c, 0);
+  got.clear();
+  ASSERT_TRUE(pump(d, [&] { return test::all_done(clients); }));
   test::expect_accounted(d);
 }
 
