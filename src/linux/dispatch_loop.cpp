@@ -1146,6 +1146,7 @@ WorkerId Dispatcher::add_worker(Channel channel, pid_t pid, std::uint32_t index)
   impl_->add_channel(*w);
   const WorkerId id = w->id;
   impl_->workers.push_back(std::move(w));
+  impl_->update_inbox(Clock::now());  // its hello is awaited: read at once, not with the next accepts
   bump(impl_->counters.workers_joined);
   impl_->publish_gauges();
   return id;
