@@ -227,11 +227,13 @@ public:
   // remove_worker(). A Supervisor installs its own and calls the one set before it.
   std::function<void(WorkerId, pid_t)> on_worker_lost;
 
-  // Pollable descriptor (an epoll set): readable when run_once() has work. Timers (ack
-  // timeout, drain deadline, lazy_read_window) need run_once() calls too: a loop that polls
-  // this descriptor should call run_once(0) at least every millisecond or so while
-  // connections are in flight, or drive it with run_once(timeout).
+  // Pollable descriptor (an epoll set): readable when run_once() has work, apart from timers
+  // (ack timeout, peek timeout, drain deadline, EMFILE back-off, and the end of
+  // lazy_read_window, while which workers' acks do not make it readable). An outside event
+  // loop waits on it for at most next_timeout() and then calls run_once(0ms).
   [[nodiscard]] BorrowedFd native_handle() const noexcept;
+  // How long the loop may wait before run_once() has a timer to serve; -1 ms for none.
+  [[nodiscard]] std::chrono::milliseconds next_timeout() const;
 
   // Shares the loop with other descriptors (a supervisor's pidfds, a signalfd, a control
   // socket): `on_ready` runs inside run_once() with the ready epoll events when `fd` is ready

@@ -287,9 +287,17 @@ struct Dispatcher::Impl {
     for (const auto& w : workers) waiting_on_workers = waiting_on_workers || w->drain_until || !w->hello;
     const bool want = !lazy_reads || waiting_on_workers;
     if (want == inbox_watched) return;
-    if (want) ctl(EPOLL_CTL_ADD, inbox.get(), EPOLLIN, key(kTagInbox, 0));
-    else forget(inbox.get());
-    inbox_watched = want;
+    if (!want) {
+      forget(inbox.get());
+      inbox_watched = false;
+      return;
+    }
+    // Should this fail (kernel memory), the inbox stays out and next_timeout() keeps the
+    // loop coming back to read it.
+    epoll_event ev{};
+    ev.events = EPOLLIN;
+    ev.data.u64 = key(kTagInbox, 0);
+    inbox_watched = ::epoll_ctl(epoll.get(), EPOLL_CTL_ADD, inbox.get(), &ev) == 0;
   }
 
   WorkerState* find_worker(WorkerId id) {
@@ -844,11 +852,9 @@ struct Dispatcher::Impl {
           violation(w, "ack of " + std::to_string(p.size()) + " bytes", now);
           return false;
         }
-        // The ack may have waited in the inbox (lazy reads): the latency ends at its arrival.
-        Clock::duration unread{0};
-        if (message.queued_realtime_ns != 0) {
-          unread = std::chrono::nanoseconds(std::max<std::int64_t>(0, realtime_ns() - message.queued_realtime_ns));
-        }
+        // The ack may have waited in the inbox (lazy reads): with the kernel's stamp the
+        // latency ends at its arrival, measured on the clock of the accept stamp.
+        const std::int64_t arrived_ns = message.queued_realtime_ns;
         for (std::size_t off = 0; off < p.size(); off += 8) {
           const std::uint64_t cid = get_u64(p.data() + off);
           auto it = w.in_flight.find(cid);
@@ -856,8 +862,9 @@ struct Dispatcher::Impl {
             violation(w, "ack for connection " + std::to_string(cid) + " it does not hold", now);
             return false;
           }
-          const Clock::duration since_accept = now - it->second.accepted;
-          record_latency(since_accept > unread ? since_accept - unread : Clock::duration{0});
+          record_latency(arrived_ns != 0 ? std::chrono::nanoseconds(std::max<std::int64_t>(
+                                               0, arrived_ns - it->second.info.accepted_at_ns))
+                                         : Clock::duration(now - it->second.accepted));
           w.in_flight.erase(it);  // our copy closes: the worker owns the connection now
         }
         bump(counters.acknowledged, p.size() / 8);
@@ -991,7 +998,10 @@ struct Dispatcher::Impl {
     if (any_in_flight) at = std::min(at, next_timer_check);
     if (emfile_until > now) at = std::min(at, emfile_until);
     if (draining && !drained) at = std::min(at, drain_deadline);
-    if (!inbox_watched) at = std::min(at, last_dispatch_round + opt.lazy_read_window);
+    if (!inbox_watched) {
+      const auto lazy_until = last_dispatch_round + opt.lazy_read_window;
+      at = std::min(at, lazy_until > now ? lazy_until : now + opt.lazy_read_window);
+    }
     return at;
   }
 
@@ -1029,15 +1039,18 @@ struct Dispatcher::Impl {
                            std::memory_order_relaxed);
   }
 
+  // Milliseconds until the next timer needs the loop, -1 for none.
+  [[nodiscard]] int timer_ms(Clock::time_point now) const {
+    const auto wake_at = next_wakeup(now);
+    if (wake_at == Clock::time_point::max()) return -1;
+    const auto left = std::chrono::ceil<std::chrono::milliseconds>(wake_at - now).count();
+    return static_cast<int>(std::clamp<std::int64_t>(left, 0, 1 << 30));
+  }
+
   void run_once(std::chrono::milliseconds timeout) {
     auto now = Clock::now();
     int wait_ms = timeout.count() < 0 ? -1 : static_cast<int>(std::min<std::int64_t>(timeout.count(), 1 << 30));
-    const auto wake_at = next_wakeup(now);
-    if (wake_at != Clock::time_point::max()) {
-      const auto left = std::chrono::ceil<std::chrono::milliseconds>(wake_at - now).count();
-      const int timer_ms = static_cast<int>(std::clamp<std::int64_t>(left, 0, 1 << 30));
-      wait_ms = wait_ms < 0 ? timer_ms : std::min(wait_ms, timer_ms);
-    }
+    if (const int timer = timer_ms(now); timer >= 0) wait_ms = wait_ms < 0 ? timer : std::min(wait_ms, timer);
     std::array<epoll_event, 64> events{};
     const int n = ::epoll_wait(epoll.get(), events.data(), static_cast<int>(events.size()), wait_ms);
     if (n < 0 && errno != EINTR) sys::throw_errno("epoll_wait");
@@ -1190,6 +1203,10 @@ std::vector<WorkerView> Dispatcher::workers() const {
 }
 
 void Dispatcher::run_once(std::chrono::milliseconds timeout) { impl_->run_once(timeout); }
+
+std::chrono::milliseconds Dispatcher::next_timeout() const {
+  return std::chrono::milliseconds(impl_->timer_ms(Clock::now()));
+}
 
 void Dispatcher::run() {
   while (!impl_->stop_requested.load(std::memory_order_relaxed) && !impl_->drained) {

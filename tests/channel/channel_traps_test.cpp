@@ -486,10 +486,15 @@ TEST_F(ChannelTraps, R8_253DescriptorsTravelInOneMessage) {
 }
 
 TEST_F(ChannelTraps, R8_253DescriptorsAndAnArrivalTimeFitOneControlBuffer) {
-  // The timestamp's control message comes on top of a full batch: too small a buffer would
-  // truncate, and the kernel would close descriptors in transit (R1).
+  // The timestamp's control message comes on top of a full batch and of every credential
+  // message a socket can be set to receive: too small a buffer would truncate, and the kernel
+  // would close descriptors in transit (R1).
   auto [a, b] = Channel::pair();
   b.record_arrival_times();
+  const int on = 1;
+  ASSERT_EQ(::setsockopt(b.native_handle().get(), SOL_SOCKET, SO_PASSCRED, &on, sizeof on), 0);
+  // Linux 6.5+; without it the case is one message smaller, and still checked.
+  (void)::setsockopt(b.native_handle().get(), SOL_SOCKET, SO_PASSPIDFD, &on, sizeof on);
   auto [r, w] = test::make_pipe();
   std::vector<BorrowedFd> fds(wire::kMaxFds, w.borrow());
   a.send({.fds = fds}, seconds(5));
