@@ -1055,8 +1055,11 @@ struct Dispatcher::Impl {
     const int n = ::epoll_wait(epoll.get(), events.data(), static_cast<int>(events.size()), wait_ms);
     if (n < 0 && errno != EINTR) sys::throw_errno("epoll_wait");
     now = Clock::now();
-    // Workers first: acks free capacity for the accepts in the same round.
-    read_inbox(now);
+    // Workers first: acks free capacity for the accepts in the same round. While the inbox is
+    // in the main set, its silence in this wait means it has nothing.
+    bool inbox_ready = !inbox_watched;
+    for (int i = 0; i < n && !inbox_ready; ++i) inbox_ready = static_cast<Tag>(events[i].data.u64 >> 56) == kTagInbox;
+    if (inbox_ready) read_inbox(now);
     for (int pass = 0; pass < 2; ++pass) {
       for (int i = 0; i < n; ++i) {
         const std::uint64_t k = events[i].data.u64;
