@@ -220,7 +220,7 @@ struct Dispatcher::Impl {
     if (!wake.valid()) sys::throw_errno("eventfd");
     ctl(EPOLL_CTL_ADD, wake.get(), EPOLLIN, key(kTagWake, 0));
     inbox = Fd(::epoll_create1(EPOLL_CLOEXEC));
-    if (!inbox.valid()) sys::throw_errno("epoll_create1");
+    if (!inbox.valid()) SOCKSHARE_THROW_ERRNO("epoll_create1 (inbox)");
     ctl(EPOLL_CTL_ADD, inbox.get(), EPOLLIN, key(kTagInbox, 0));
     inbox_watched = true;
   }
@@ -242,13 +242,17 @@ struct Dispatcher::Impl {
     ::epoll_ctl(epoll.get(), EPOLL_CTL_DEL, fd, &ev);
   }
 
+  static bool add_to(const Fd& set, int fd, std::uint32_t events, std::uint64_t k) noexcept {
+    epoll_event ev{};
+    ev.events = events;
+    ev.data.u64 = k;
+    return ::epoll_ctl(set.get(), EPOLL_CTL_ADD, fd, &ev) == 0;
+  }
+
   void add_channel(const WorkerState& w) {
     const int fd = w.channel.native_handle().get();
     ctl(EPOLL_CTL_ADD, fd, 0, key(kTagWorker, w.id));  // hang-ups and errors are always reported
-    epoll_event ev{};
-    ev.events = EPOLLIN;
-    ev.data.u64 = key(kTagWorker, w.id);
-    if (::epoll_ctl(inbox.get(), EPOLL_CTL_ADD, fd, &ev) != 0) {
+    if (!add_to(inbox, fd, EPOLLIN, key(kTagWorker, w.id))) {
       const int err = errno;
       forget(fd);
       sys::throw_errno("epoll_ctl(EPOLL_CTL_ADD, fd " + std::to_string(fd) + ") on the inbox", err);
@@ -265,7 +269,7 @@ struct Dispatcher::Impl {
   void read_inbox(Clock::time_point now) {
     std::array<epoll_event, 64> ready{};
     const int n = ::epoll_wait(inbox.get(), ready.data(), static_cast<int>(ready.size()), 0);
-    if (n < 0 && errno != EINTR) sys::throw_errno("epoll_wait(inbox)");
+    if (n < 0 && errno != EINTR) SOCKSHARE_THROW_ERRNO("epoll_wait (inbox)");
     for (int i = 0; i < n; ++i) {
       on_worker_event(ready[i].data.u64 & ((std::uint64_t{1} << 56) - 1), ready[i].events, now);
     }
@@ -294,10 +298,7 @@ struct Dispatcher::Impl {
     }
     // Should this fail (kernel memory), the inbox stays out and next_timeout() keeps the
     // loop coming back to read it.
-    epoll_event ev{};
-    ev.events = EPOLLIN;
-    ev.data.u64 = key(kTagInbox, 0);
-    inbox_watched = ::epoll_ctl(epoll.get(), EPOLL_CTL_ADD, inbox.get(), &ev) == 0;
+    inbox_watched = add_to(epoll, inbox.get(), EPOLLIN, key(kTagInbox, 0));
   }
 
   WorkerState* find_worker(WorkerId id) {
