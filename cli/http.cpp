@@ -214,6 +214,8 @@ ParseResult parse_request(std::string_view buffer, const Limits& limits) {
         if (iequals(option, "close")) conn_close = true;
         if (iequals(option, "keep-alive")) conn_keep_alive = true;
       }
+    } else if (iequals(name, "expect")) {
+      req.expect_continue = req.minor_version >= 1 && iequals(value, "100-continue");
     } else if (iequals(name, "x-burn-ms")) {
       if (!parse_decimal(value, burn)) malformed_burn = true;
     }
@@ -236,6 +238,7 @@ ParseResult parse_request(std::string_view buffer, const Limits& limits) {
   }
   if (buffer.size() - pos < content_length) {
     result.status = Status::incomplete;
+    result.awaiting_body = true;
     return result;
   }
   pos += static_cast<std::size_t>(content_length);

@@ -1,6 +1,7 @@
 // The built-in worker's HTTP/1.1 request parser and response writer. Small on purpose: it
 // parses only what it needs to answer correctly (method, target, version, Host,
-// Content-Length, Transfer-Encoding, Connection, X-Burn-Ms), and refuses the rest clearly.
+// Content-Length, Transfer-Encoding, Connection, Expect, X-Burn-Ms), and refuses the rest
+// clearly.
 #pragma once
 
 #include <cstddef>
@@ -32,12 +33,17 @@ struct Request {
   bool keep_alive = true;
   bool head = false;
   bool body_too_large = false;  // with Status::too_large: 413 rather than 431
+  // "Expect: 100-continue" in an HTTP/1.1 request (RFC 9110 10.1.1: ignored in 1.0): the
+  // client may hold its body back until it sees "100 Continue" or a final status.
+  bool expect_continue = false;
   std::uint32_t burn_ms = 0;    // from /burn?ms=N or X-Burn-Ms: N, capped at max_burn_ms
 };
 
 struct ParseResult {
   Status status = Status::incomplete;
   std::size_t consumed = 0;
+  // With Status::incomplete: the head is complete and valid, the body has not all arrived.
+  bool awaiting_body = false;
   Request request;
 };
 

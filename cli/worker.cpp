@@ -122,6 +122,7 @@ struct Conn {
   bool shared = false;
   std::int64_t last_active = 0;
   std::uint64_t requests = 0;  // answered on this connection
+  bool continue_sent = false;  // "100 Continue" already went out for the request being read
 };
 
 class Server {
@@ -390,6 +391,7 @@ void Server::adopt(Fd socket, bool shared, std::vector<std::byte>* initial_bytes
   conn.shared = shared;
   conn.last_active = last_sweep_;
   conn.requests = 0;
+  conn.continue_sent = false;
   ++active_;
   if (initial_bytes != nullptr && !initial_bytes->empty()) {
     // What the dispatcher peeked is the start of the request: it is no longer in the socket.
@@ -457,7 +459,16 @@ void Server::answer(Conn& conn) {
     const std::string_view rest = std::string_view(conn.in).substr(offset);
     if (rest.empty()) break;
     const http::ParseResult r = http::parse_request(rest, limits_);
-    if (r.status == http::Status::incomplete) break;
+    if (r.status == http::Status::incomplete) {
+      // A client that asked for it waits for this before it sends the body (curl: a second;
+      // some clients: until their own timeout).
+      if (r.awaiting_body && r.request.expect_continue && !conn.continue_sent) {
+        conn.out += "HTTP/1.1 100 Continue\r\n\r\n";
+        conn.continue_sent = true;
+      }
+      break;
+    }
+    conn.continue_sent = false;
     if (r.status != http::Status::complete) {
       int status = 400;
       std::string_view body = "bad request\n";
