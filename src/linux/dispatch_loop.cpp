@@ -33,7 +33,8 @@ using Clock = std::chrono::steady_clock;
 // epoll keys: a tag in the top byte, an id below, looked up on every event so an event for a
 // source removed earlier in the same batch is simply ignored.
 enum Tag : std::uint64_t {
-  kTagWake = 1, kTagListener = 2, kTagWorker = 3, kTagPeek = 4, kTagWatch = 5, kTagInbox = 6
+  kTagWake = 1, kTagListener = 2, kTagWorker = 3, kTagPeek = 4, kTagWatch = 5, kTagInbox = 6,
+  kTagIntake = 7
 };
 constexpr std::uint64_t key(Tag tag, std::uint64_t id) { return (std::uint64_t{tag} << 56) | id; }
 
@@ -169,6 +170,14 @@ struct Dispatcher::Impl {
   // flow (lazy_read_window: acks then ride along with the next accepts instead of waking the
   // loop each); the main set holds the channels only for EPOLLOUT and hang-ups.
   Fd inbox;
+  // The listeners, and connections waiting for their first bytes (peeks): always in `epoll`,
+  // as a set. A socket that becomes readable wakes whoever waits on it as a synchronous
+  // wake-up, a hint that the waking task (the client completing its handshake over loopback,
+  // or whatever task a network interrupt came in on) is about to sleep, so the scheduler puts
+  // the woken dispatcher on that task's CPU. The waker does not sleep, and the dispatcher then
+  // competes with it for every connection. A nested epoll set passes readiness on as an
+  // ordinary wake-up, which lets the scheduler choose (docs/DISPATCH.md).
+  Fd intake;
   bool inbox_watched = false;
   bool dispatched_this_round = false;
   bool lazy_reads = false;
@@ -223,23 +232,30 @@ struct Dispatcher::Impl {
     if (!inbox.valid()) SOCKSHARE_THROW_ERRNO("epoll_create1 (inbox)");
     ctl(EPOLL_CTL_ADD, inbox.get(), EPOLLIN, key(kTagInbox, 0));
     inbox_watched = true;
+    intake = Fd(::epoll_create1(EPOLL_CLOEXEC));
+    if (!intake.valid()) SOCKSHARE_THROW_ERRNO("epoll_create1 (intake)");
+    ctl(EPOLL_CTL_ADD, intake.get(), EPOLLIN, key(kTagIntake, 0));
   }
 
   void log(const std::string& line) const {
     if (opt.log) opt.log(line);
   }
 
-  void ctl(int op, int fd, std::uint32_t events, std::uint64_t k) {
+  void ctl(int op, int fd, std::uint32_t events, std::uint64_t k) { ctl_in(epoll, op, fd, events, k); }
+  static void ctl_in(const Fd& set, int op, int fd, std::uint32_t events, std::uint64_t k) {
     epoll_event ev{};
     ev.events = events;
     ev.data.u64 = k;
-    if (::epoll_ctl(epoll.get(), op, fd, &ev) != 0) {
+    if (::epoll_ctl(set.get(), op, fd, &ev) != 0) {
       sys::throw_errno("epoll_ctl(op " + std::to_string(op) + ", fd " + std::to_string(fd) + ")");
     }
   }
-  void forget(int fd) noexcept {  // a descriptor about to close leaves the set
+  // A descriptor about to close leaves the set: another process may hold its file, and the
+  // registration lives as long as the file does.
+  void forget(int fd) noexcept { forget_in(epoll, fd); }
+  static void forget_in(const Fd& set, int fd) noexcept {
     epoll_event ev{};
-    ::epoll_ctl(epoll.get(), EPOLL_CTL_DEL, fd, &ev);
+    ::epoll_ctl(set.get(), EPOLL_CTL_DEL, fd, &ev);
   }
 
   static bool add_to(const Fd& set, int fd, std::uint32_t events, std::uint64_t k) noexcept {
@@ -261,8 +277,7 @@ struct Dispatcher::Impl {
   void forget_channel(const WorkerState& w) noexcept {
     const int fd = w.channel.native_handle().get();
     forget(fd);
-    epoll_event ev{};
-    ::epoll_ctl(inbox.get(), EPOLL_CTL_DEL, fd, &ev);
+    forget_in(inbox, fd);
   }
 
   // Reads what every worker sent, without waiting.
@@ -272,6 +287,24 @@ struct Dispatcher::Impl {
     if (n < 0 && errno != EINTR) SOCKSHARE_THROW_ERRNO("epoll_wait (inbox)");
     for (int i = 0; i < n; ++i) {
       on_worker_event(ready[i].data.u64 & ((std::uint64_t{1} << 56) - 1), ready[i].events, now);
+    }
+  }
+
+  // Accepts on the ready listeners and reads the peeks that got bytes, without waiting.
+  void read_intake(Clock::time_point now) {
+    std::array<epoll_event, 64> ready{};
+    const int n = ::epoll_wait(intake.get(), ready.data(), static_cast<int>(ready.size()), 0);
+    if (n < 0 && errno != EINTR) SOCKSHARE_THROW_ERRNO("epoll_wait (intake)");
+    for (int i = 0; i < n; ++i) {
+      const std::uint64_t id = ready[i].data.u64 & ((std::uint64_t{1} << 56) - 1);
+      if (static_cast<Tag>(ready[i].data.u64 >> 56) == kTagPeek) {
+        finish_peek(id, true, now);
+        continue;
+      }
+      for (auto& l : listeners) {
+        if (l->id == id && l->watched) accept_from(*l, now);
+      }
+      if (broken_listener != 0) drop_listener(std::exchange(broken_listener, 0));
     }
   }
 
@@ -552,7 +585,7 @@ struct Dispatcher::Impl {
   void drop_listener(std::uint64_t id) {
     for (auto it = listeners.begin(); it != listeners.end(); ++it) {
       if ((*it)->id != id) continue;
-      if ((*it)->watched) forget((*it)->fd.get());
+      if ((*it)->watched) forget_in(intake, (*it)->fd.get());
       listeners.erase(it);
       return;
     }
@@ -591,7 +624,7 @@ struct Dispatcher::Impl {
     epoll_event ev{};
     ev.events = EPOLLIN | EPOLLRDHUP;
     ev.data.u64 = key(kTagPeek, id);
-    if (::epoll_ctl(epoll.get(), EPOLL_CTL_ADD, conn.fd.get(), &ev) != 0) {
+    if (::epoll_ctl(intake.get(), EPOLL_CTL_ADD, conn.fd.get(), &ev) != 0) {
       // No room to watch it (ENOMEM, max_user_watches): hand it off without first bytes
       // rather than lose it.
       log("peek on connection " + std::to_string(id) + ": epoll_ctl: " + errno_name(errno));
@@ -612,7 +645,7 @@ struct Dispatcher::Impl {
     if (r == PeekResult::wait) return;
     Conn conn = std::move(it->second->conn);
     peeking.erase(it);
-    forget(conn.fd.get());
+    forget_in(intake, conn.fd.get());
     if (r == PeekResult::failed) {
       bump(counters.dropped);
       return;
@@ -978,8 +1011,8 @@ struct Dispatcher::Impl {
     if (room) paused_for_backpressure = false;
     for (auto& l : listeners) {
       if (l->watched == want) continue;
-      if (want) ctl(EPOLL_CTL_ADD, l->fd.get(), EPOLLIN, key(kTagListener, l->id));
-      else forget(l->fd.get());
+      if (want) ctl_in(intake, EPOLL_CTL_ADD, l->fd.get(), EPOLLIN, key(kTagListener, l->id));
+      else forget_in(intake, l->fd.get());
       l->watched = want;
     }
   }
@@ -1075,14 +1108,10 @@ struct Dispatcher::Impl {
             break;
           }
           case kTagWorker: on_worker_event(id, events[i].events, now); break;
-          case kTagListener:
-            for (auto& l : listeners) {
-              if (l->id == id && l->watched) accept_from(*l, now);
-            }
-            if (broken_listener != 0) drop_listener(std::exchange(broken_listener, 0));
-            break;
-          case kTagPeek: finish_peek(id, true, now); break;
+          case kTagIntake: read_intake(now); break;
           case kTagInbox: break;  // read above
+          case kTagListener:
+          case kTagPeek: break;  // only in the intake set
           case kTagWatch: {
             auto it = watches.find(id);
             if (it != watches.end()) {
@@ -1236,7 +1265,7 @@ void Dispatcher::drain(std::chrono::milliseconds deadline) {
   d.draining = true;
   d.drain_deadline = until;
   for (auto& l : d.listeners) {
-    if (l->watched) d.forget(l->fd.get());
+    if (l->watched) d.forget_in(d.intake, l->fd.get());
   }
   d.listeners.clear();
   d.expire_peeks(now);  // hand off what was peeking, with what it has

@@ -6,7 +6,11 @@
 #include <sys/epoll.h>
 #include <sys/socket.h>
 
+#include <unistd.h>
+
 #include <cstring>
+#include <fstream>
+#include <set>
 #include <thread>
 
 #include "dispatch_support.hpp"
@@ -609,6 +613,71 @@ TEST_F(DispatchLoop, S6_WhileConnectionsFlowAcksWaitForTheNextRoundInsteadOfWaki
   for (auto& c : got) test::serve(c, 0);
   got.clear();
   ASSERT_TRUE(pump(d, [&] { return test::all_done(clients); }));
+  test::expect_accounted(d);
+}
+
+// The descriptors an epoll set watches, from /proc/self/fdinfo ("tfd: N" lines).
+std::set<int> watched_by(int epoll_fd) {
+  std::ifstream info("/proc/self/fdinfo/" + std::to_string(epoll_fd));
+  std::set<int> out;
+  for (std::string word; info >> word;) {
+    if (word == "tfd:") {
+      int fd = -1;
+      info >> fd;
+      out.insert(fd);
+    }
+  }
+  return out;
+}
+
+bool is_epoll(int fd) {
+  char target[64] = {};
+  const auto n = ::readlink(("/proc/self/fd/" + std::to_string(fd)).c_str(), target, sizeof target - 1);
+  return n > 0 && std::string_view(target, static_cast<std::size_t>(n)) == "anon_inode:[eventpoll]";
+}
+
+// A readable socket wakes its waiter synchronously, which pulls the dispatcher onto the
+// client's CPU (docs/DISPATCH.md); a nested epoll set wakes it plainly. So no socket a client
+// makes ready (listener, connection waiting for its first bytes) sits in the loop's own set,
+// and its readiness still reaches the loop's descriptor.
+TEST_F(DispatchLoop, S6_ClientSocketsWakeTheLoopThroughANestedSet) {
+  auto [listener, ep] = loopback_listener();
+  const int listener_fd = listener.get();
+  Dispatcher d({.peek_bytes = 64, .peek_timeout = 10s});
+  d.add_listener("web", std::move(listener));
+  Worker worker = join_worker(d, 0);
+  d.run_once(0ms);  // reads the hello, starts watching the listener
+
+  const int loop_fd = d.native_handle().get();
+  auto only_channels_and_sets = [&] {
+    for (int fd : watched_by(loop_fd)) {
+      if (is_epoll(fd)) continue;
+      int domain = -1;
+      socklen_t len = sizeof domain;
+      if (::getsockopt(fd, SOL_SOCKET, SO_DOMAIN, &domain, &len) == 0 && domain != AF_UNIX) {
+        ADD_FAILURE() << "descriptor " << fd << " (domain " << domain << ") is in the loop's own set";
+      }
+    }
+  };
+  std::set<int> nested;
+  for (int fd : watched_by(loop_fd)) {
+    if (is_epoll(fd)) nested.merge(watched_by(fd));
+  }
+  EXPECT_TRUE(nested.contains(listener_fd));
+  only_channels_and_sets();
+
+  // A client that says nothing yet: accepted, then waiting for its first bytes.
+  Client quiet(ep, "");
+  pollfd p{loop_fd, POLLIN, 0};
+  ASSERT_EQ(::poll(&p, 1, 5000), 1) << "a connection did not make the loop readable";
+  ASSERT_TRUE(pump(d, [&] { return d.stats().accepted == 1; }));
+  only_channels_and_sets();
+  quiet.send_more("now\n");
+  std::vector<Connection> got;
+  ASSERT_TRUE(pump(d, [&] { worker.poll(got); return got.size() == 1; }));
+  EXPECT_EQ(got[0].info.initial_bytes.size(), 4u) << "the first bytes came through the nested set";
+  test::serve(got[0], 0);
+  ASSERT_TRUE(pump(d, [&] { return quiet.advance(); }));
   test::expect_accounted(d);
 }
 
