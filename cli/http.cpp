@@ -220,6 +220,9 @@ ParseResult parse_request(std::string_view buffer, const Limits& limits) {
       if (!parse_decimal(value, burn)) malformed_burn = true;
     }
   }
+  // Judged with the rest of the head, so a client told "100 Continue" is not refused after
+  // it has sent its body.
+  const std::uint64_t path_burn = burn_from_target(req.target, malformed_burn);
   if (malformed_burn || (req.minor_version >= 1 && !have_host)) {
     // RFC 9112 3.2: a 1.1 request without exactly one Host is answered with 400.
     result.status = Status::bad_request;
@@ -243,11 +246,6 @@ ParseResult parse_request(std::string_view buffer, const Limits& limits) {
   }
   pos += static_cast<std::size_t>(content_length);
 
-  std::uint64_t path_burn = burn_from_target(req.target, malformed_burn);
-  if (malformed_burn) {
-    result.status = Status::bad_request;
-    return result;
-  }
   if (path_burn > burn) burn = path_burn;
   req.burn_ms = static_cast<std::uint32_t>(burn > limits.max_burn_ms ? limits.max_burn_ms : burn);
   if (req.minor_version >= 1) {

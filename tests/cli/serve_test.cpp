@@ -481,55 +481,6 @@ TEST_F(Cli, HttpKeepAlivePipeliningHeadAndErrors) {
   }
 }
 
-// RFC 9110 10.1.1: a client that sends "Expect: 100-continue" may hold its body back until
-// it sees "100 Continue"; an origin server must not wait for the body before sending it.
-TEST_F(Cli, HttpExpect100ContinueIsAnsweredBeforeTheBody) {
-  Server s = Server::start({"--listen", "127.0.0.1:0", "--workers", "1"});
-  ASSERT_NE(s.port, 0);
-  {
-    Fd fd = connect_tcp(s.port);
-    ASSERT_TRUE(send_all(fd,
-                         "POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
-                         "Expect: 100-continue\r\n\r\n"));
-    std::string interim;
-    char c;
-    while (!interim.ends_with("\r\n\r\n") && interim.size() < 200) {
-      pollfd p{fd.get(), POLLIN, 0};
-      ASSERT_EQ(sys::retry_eintr([&] { return ::poll(&p, 1, 10000); }), 1)
-          << "no 100 Continue while the body is held back; got: " << interim;
-      ASSERT_EQ(::read(fd.get(), &c, 1), 1) << interim;
-      interim += c;
-    }
-    EXPECT_EQ(interim, "HTTP/1.1 100 Continue\r\n\r\n");
-    // The body, then a second request on the same connection: one 100 per request only.
-    ASSERT_TRUE(send_all(fd, "hello" "GET /next HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"));
-    auto responses = parse_responses(read_to_eof(fd));
-    ASSERT_EQ(responses.size(), 2U);
-    EXPECT_EQ(responses[0].status, 405);
-    EXPECT_EQ(responses[1].status, 200);
-  }
-  {
-    // Body sent along with the head: nothing to wait for, so no interim response.
-    Fd fd = connect_tcp(s.port);
-    ASSERT_TRUE(send_all(fd,
-                         "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n"
-                         "Expect: 100-continue\r\nConnection: close\r\n\r\nhi"));
-    const std::string all = read_to_eof(fd);
-    EXPECT_TRUE(all.starts_with("HTTP/1.1 405")) << all;
-  }
-  // curl waits for the 100 up to --expect100-timeout before it sends the body anyway: with
-  // 30 s there and 10 s in all, the upload only succeeds if the worker answers the
-  // expectation.
-  const std::string curl = "/usr/bin/curl";
-  ASSERT_EQ(::access(curl.c_str(), X_OK), 0) << "curl is missing: scripts/deps.sh installs it";
-  Captured upload = run_capture({curl, "-sS", "--max-time", "10", "--expect100-timeout", "30",
-                                 "-H", "Expect: 100-continue", "--data-binary", std::string(3000, 'x'),
-                                 "-o", "/dev/null", "-w", "%{http_code}",
-                                 "http://127.0.0.1:" + std::to_string(s.port) + "/"});
-  EXPECT_EQ(upload.status, 0) << upload.out;
-  EXPECT_EQ(upload.out, "405") << upload.out;
-}
-
 // One response from a connection that stays open: headers, then Content-Length bytes.
 std::string read_one_response(const Fd& fd, std::chrono::milliseconds timeout = 10s) {
   const auto deadline = Clock::now() + timeout;
@@ -559,6 +510,80 @@ bool wait_for_status(const Server& s, const std::string& needle, std::chrono::mi
     std::this_thread::sleep_for(20ms);  // between polls only: the condition is re-checked
   }
   return false;
+}
+
+// RFC 9110 10.1.1: a client that sends "Expect: 100-continue" may hold its body back until
+// it sees "100 Continue"; an origin server must not wait for the body before sending it.
+TEST_F(Cli, HttpExpect100ContinueIsAnsweredBeforeTheBody) {
+  Server s = Server::start({"--listen", "127.0.0.1:0", "--workers", "1"});
+  ASSERT_NE(s.port, 0);
+  // Reads exactly `expected.size()` bytes (bounded), so a second interim answer is not hidden
+  // in what is read next.
+  auto read_exactly = [](const Fd& fd, std::size_t count) {
+    std::string got;
+    char buf[256];
+    while (got.size() < count) {
+      pollfd p{fd.get(), POLLIN, 0};
+      if (sys::retry_eintr([&] { return ::poll(&p, 1, 10000); }) != 1) break;
+      const ssize_t n = ::read(fd.get(), buf, std::min(sizeof buf, count - got.size()));
+      if (n <= 0) break;
+      got.append(buf, static_cast<std::size_t>(n));
+    }
+    return got;
+  };
+  const std::string interim = "HTTP/1.1 100 Continue\r\n\r\n";
+  {
+    Fd fd = connect_tcp(s.port);
+    ASSERT_TRUE(send_all(fd,
+                         "POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
+                         "Expect: 100-continue\r\n\r\n"));
+    EXPECT_EQ(read_exactly(fd, interim.size()), interim) << "no 100 while the body is held back";
+    // Part of the body: the request is still incomplete, and its 100 is not sent again.
+    ASSERT_TRUE(send_all(fd, "he"));
+    pollfd p{fd.get(), POLLIN, 0};
+    EXPECT_EQ(::poll(&p, 1, 200), 0) << "something was sent before the body was complete";
+    ASSERT_TRUE(send_all(fd, "llo"));
+    const std::string first = read_one_response(fd);
+    EXPECT_TRUE(first.starts_with("HTTP/1.1 405")) << first;
+    // The next request on the connection gets its own 100.
+    ASSERT_TRUE(send_all(fd,
+                         "POST /again HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n"
+                         "Expect: 100-continue\r\nConnection: close\r\n\r\n"));
+    EXPECT_EQ(read_exactly(fd, interim.size()), interim);
+    ASSERT_TRUE(send_all(fd, "abc"));
+    auto responses = parse_responses(read_to_eof(fd));
+    ASSERT_EQ(responses.size(), 1U);
+    EXPECT_EQ(responses[0].status, 405);
+  }
+  {
+    // Body sent along with the head: nothing to wait for, so no interim response.
+    Fd fd = connect_tcp(s.port);
+    ASSERT_TRUE(send_all(fd,
+                         "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n"
+                         "Expect: 100-continue\r\nConnection: close\r\n\r\nhi"));
+    const std::string all = read_to_eof(fd);
+    EXPECT_TRUE(all.starts_with("HTTP/1.1 405")) << all;
+  }
+  {
+    // A head the worker refuses anyway gets its final answer at once, not a 100.
+    Fd fd = connect_tcp(s.port);
+    ASSERT_TRUE(send_all(fd,
+                         "POST /burn?ms=lots HTTP/1.1\r\nHost: x\r\nContent-Length: 9\r\n"
+                         "Expect: 100-continue\r\n\r\n"));
+    const std::string all = read_to_eof(fd);
+    EXPECT_TRUE(all.starts_with("HTTP/1.1 400")) << all;
+  }
+  // curl waits for the 100 up to --expect100-timeout before it sends the body anyway: with
+  // 30 s there and 10 s in all, the upload only succeeds if the worker answers the
+  // expectation.
+  const std::string curl = "/usr/bin/curl";
+  ASSERT_EQ(::access(curl.c_str(), X_OK), 0) << "curl is missing: scripts/deps.sh installs it";
+  Captured upload = run_capture({curl, "-sS", "--max-time", "10", "--expect100-timeout", "30",
+                                 "-H", "Expect: 100-continue", "--data-binary", std::string(3000, 'x'),
+                                 "-o", "/dev/null", "-w", "%{http_code}",
+                                 "http://127.0.0.1:" + std::to_string(s.port) + "/"});
+  EXPECT_EQ(upload.status, 0) << upload.out;
+  EXPECT_EQ(upload.out, "405") << upload.out;
 }
 
 TEST_F(Cli, DispatchKeepAliveConnectionHandedOffBeforeItsFirstRequest) {
