@@ -555,23 +555,23 @@ TEST_F(Cli, HttpExpect100ContinueIsAnsweredBeforeTheBody) {
     ASSERT_EQ(responses.size(), 1U);
     EXPECT_EQ(responses[0].status, 405);
   }
-  {
-    // Body sent along with the head: nothing to wait for, so no interim response.
+  struct OneShot {
+    std::string request;
+    std::string answer;  // how the whole reply starts
+  };
+  for (const OneShot& c : {
+           // Body sent along with the head: nothing to wait for, so no interim response.
+           OneShot{"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n"
+                   "Expect: 100-continue\r\nConnection: close\r\n\r\nhi",
+                   "HTTP/1.1 405"},
+           // A head the worker refuses anyway gets its final answer at once, not a 100.
+           OneShot{"POST /burn?ms=lots HTTP/1.1\r\nHost: x\r\nContent-Length: 9\r\n"
+                   "Expect: 100-continue\r\n\r\n",
+                   "HTTP/1.1 400"}}) {
     Fd fd = connect_tcp(s.port);
-    ASSERT_TRUE(send_all(fd,
-                         "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n"
-                         "Expect: 100-continue\r\nConnection: close\r\n\r\nhi"));
+    ASSERT_TRUE(send_all(fd, c.request));
     const std::string all = read_to_eof(fd);
-    EXPECT_TRUE(all.starts_with("HTTP/1.1 405")) << all;
-  }
-  {
-    // A head the worker refuses anyway gets its final answer at once, not a 100.
-    Fd fd = connect_tcp(s.port);
-    ASSERT_TRUE(send_all(fd,
-                         "POST /burn?ms=lots HTTP/1.1\r\nHost: x\r\nContent-Length: 9\r\n"
-                         "Expect: 100-continue\r\n\r\n"));
-    const std::string all = read_to_eof(fd);
-    EXPECT_TRUE(all.starts_with("HTTP/1.1 400")) << all;
+    EXPECT_TRUE(all.starts_with(c.answer)) << c.request << "\n->\n" << all;
   }
   // curl waits for the 100 up to --expect100-timeout before it sends the body anyway: with
   // 30 s there and 10 s in all, the upload only succeeds if the worker answers the
