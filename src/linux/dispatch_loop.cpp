@@ -243,11 +243,8 @@ struct Dispatcher::Impl {
 
   void ctl(int op, int fd, std::uint32_t events, std::uint64_t k) { ctl_in(epoll, op, fd, events, k); }
   static void ctl_in(const Fd& set, int op, int fd, std::uint32_t events, std::uint64_t k) {
-    epoll_event ev{};
-    ev.events = events;
-    ev.data.u64 = k;
-    if (::epoll_ctl(set.get(), op, fd, &ev) != 0) {
-      sys::throw_errno("epoll_ctl(op " + std::to_string(op) + ", fd " + std::to_string(fd) + ")");
+    if (!change(set, op, fd, events, k)) {
+      SOCKSHARE_THROW_ERRNO("epoll_ctl(op " + std::to_string(op) + ", fd " + std::to_string(fd) + ")");
     }
   }
   // A descriptor about to close leaves the set: another process may hold its file, and the
@@ -258,17 +255,17 @@ struct Dispatcher::Impl {
     ::epoll_ctl(set.get(), EPOLL_CTL_DEL, fd, &ev);
   }
 
-  static bool add_to(const Fd& set, int fd, std::uint32_t events, std::uint64_t k) noexcept {
+  static bool change(const Fd& set, int op, int fd, std::uint32_t events, std::uint64_t k) noexcept {
     epoll_event ev{};
     ev.events = events;
     ev.data.u64 = k;
-    return ::epoll_ctl(set.get(), EPOLL_CTL_ADD, fd, &ev) == 0;
+    return ::epoll_ctl(set.get(), op, fd, &ev) == 0;
   }
 
   void add_channel(const WorkerState& w) {
     const int fd = w.channel.native_handle().get();
     ctl(EPOLL_CTL_ADD, fd, 0, key(kTagWorker, w.id));  // hang-ups and errors are always reported
-    if (!add_to(inbox, fd, EPOLLIN, key(kTagWorker, w.id))) {
+    if (!change(inbox, EPOLL_CTL_ADD, fd, EPOLLIN, key(kTagWorker, w.id))) {
       const int err = errno;
       forget(fd);
       sys::throw_errno("epoll_ctl(EPOLL_CTL_ADD, fd " + std::to_string(fd) + ") on the inbox", err);
@@ -331,7 +328,7 @@ struct Dispatcher::Impl {
     }
     // Should this fail (kernel memory), the inbox stays out and next_timeout() keeps the
     // loop coming back to read it.
-    inbox_watched = add_to(epoll, inbox.get(), EPOLLIN, key(kTagInbox, 0));
+    inbox_watched = change(epoll, EPOLL_CTL_ADD, inbox.get(), EPOLLIN, key(kTagInbox, 0));
   }
 
   WorkerState* find_worker(WorkerId id) {
@@ -621,13 +618,11 @@ struct Dispatcher::Impl {
       case PeekResult::wait: break;
     }
     const std::uint64_t id = conn.info.id;
-    epoll_event ev{};
-    ev.events = EPOLLIN | EPOLLRDHUP;
-    ev.data.u64 = key(kTagPeek, id);
-    if (::epoll_ctl(intake.get(), EPOLL_CTL_ADD, conn.fd.get(), &ev) != 0) {
+    if (!change(intake, EPOLL_CTL_ADD, conn.fd.get(), EPOLLIN | EPOLLRDHUP, key(kTagPeek, id))) {
       // No room to watch it (ENOMEM, max_user_watches): hand it off without first bytes
       // rather than lose it.
-      log("peek on connection " + std::to_string(id) + ": epoll_ctl: " + errno_name(errno));
+      const int err = errno;
+      log("peek on connection " + std::to_string(id) + ": epoll_ctl: " + errno_name(err));
       route(std::move(conn), now);
       return;
     }
